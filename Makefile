@@ -1,0 +1,38 @@
+# Two entry points (README Quickstart): `make pipeline` and `make test`.
+# Both create .venv on first use. torch/torchvision are pinned in pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: venv pipeline test ui metrics plots clean-venv
+
+$(BIN)/rnnlab: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(BIN)/rnnlab
+
+venv: $(BIN)/rnnlab
+
+## Run the whole pipeline (download -> prepare -> train -> evaluate) with params.yaml.
+pipeline: venv
+	dvc repro
+	dvc metrics show
+
+## Run the test suite (unit, data, model and pipeline tests on the real corpora mirror).
+test: venv
+	$(BIN)/python -m pytest -q
+
+## Browse MLflow runs on http://127.0.0.1:5000
+ui: venv
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+metrics: venv
+	dvc metrics show
+
+plots: venv
+	dvc plots show
+
+clean-venv:
+	rm -rf $(VENV)

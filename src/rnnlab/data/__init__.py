@@ -1,0 +1,1 @@
+"""Data: corpus registry and download, readers, pandera schemas, tokenizers, vocabularies, datasets."""

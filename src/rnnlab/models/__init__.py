@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` models. No Lightning imports here."""

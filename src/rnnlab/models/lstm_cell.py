@@ -1,0 +1,191 @@
+"""A hand-written LSTM with optional peephole connections (time-first tensors).
+
+Gates of one layer (Hochreiter & Schmidhuber 1997, forget gate Gers et al. 2000, peepholes
+Gers & Schmidhuber 2000 / Gers, Schraudolph & Schmidhuber 2002)::
+
+    i(t) = sigmoid(W_i x(t) + R_i h(t-1) + p_i * c(t-1) + b_i)     input gate
+    f(t) = sigmoid(W_f x(t) + R_f h(t-1) + p_f * c(t-1) + b_f)     forget gate
+    g(t) = tanh   (W_g x(t) + R_g h(t-1)                + b_g)     cell input
+    c(t) = f(t) * c(t-1) + i(t) * g(t)                             cell state (the "carousel")
+    o(t) = sigmoid(W_o x(t) + R_o h(t-1) + p_o * c(t)   + b_o)     output gate sees the NEW cell
+    h(t) = o(t) * tanh(c(t))
+
+``p_i, p_f, p_o`` are the peephole weights: vectors, i.e. diagonal matrices, so each gate
+sees only its own cell. Without peepholes this is exactly ``nn.LSTM``.
+
+Speed: the four gates' input weights are one ``[4h, in]`` matrix applied to the whole window
+in a single matmul before the time loop; inside the loop one ``[4h, h]`` matmul per step
+gives all recurrent gate pre-activations. Parameters use ``nn.LSTM``'s layout and gate order
+(i, f, g, o), except that its two biases ``b_ih + b_hh`` are one ``bias`` here, so weights copy
+across directly.
+
+State: ``(h, c)``, each [num_layers, batch, hidden], as ``nn.LSTM``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rnnlab.models.rnn import check_lm_hparams
+
+
+def lstm_cell(
+    gates_x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    weight_hh: torch.Tensor,
+    peephole: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step.
+
+    gates_x: [batch, 4h], the input part ``W x(t) + b`` of all four gates; h, c: [batch, h];
+    weight_hh: [4h, h]; peephole: [3, h] rows (p_i, p_f, p_o) or None.
+    Returns (h(t), c(t)), each [batch, h].
+    """
+    gates = torch.addmm(gates_x, h, weight_hh.t())  # [batch, 4h]
+    i, f, g, o = gates.chunk(4, dim=1)  # each [batch, h]
+    if peephole is not None:
+        i = i + peephole[0] * c
+        f = f + peephole[1] * c
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    if peephole is not None:
+        o = o + peephole[2] * c_new
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    return h_new, c_new
+
+
+def lstm_layer(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: torch.Tensor,
+    peephole: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Unroll :func:`lstm_cell` over a window.
+
+    x: [seq, batch, in]; h0, c0: [batch, h]; weight_ih: [4h, in]; weight_hh: [4h, h]; bias: [4h].
+    Returns (h(1..seq) [seq, batch, h], (h(seq), c(seq))).
+    """
+    seq_len, batch = x.size(0), x.size(1)
+    # All four gates' input parts for the whole window in one matmul: [seq, batch, 4h].
+    gates_x = torch.addmm(bias, x.reshape(seq_len * batch, -1), weight_ih.t()).view(seq_len, batch, -1)
+    h, c = h0, c0
+    outputs = []
+    # unbind, not gates_x[t]: indexing's backward would write a full-size zero tensor every step.
+    for gates_x_t in gates_x.unbind(0):
+        h, c = lstm_cell(gates_x_t, h, c, weight_hh, peephole)
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
+
+
+class HandLSTMLayer(nn.Module):
+    """One LSTM layer unrolled over a window by a Python loop over :func:`lstm_cell`."""
+
+    def __init__(self, input_size: int, hidden_size: int, peepholes: bool = True):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))  # [4h, in]
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))  # [4h, h]
+        self.bias = nn.Parameter(torch.empty(4 * hidden_size))  # [4h]
+        self.peephole = nn.Parameter(torch.empty(3, hidden_size)) if peepholes else None  # [3, h]
+        bound = 1.0 / math.sqrt(hidden_size)  # nn.LSTM's init
+        for param in self.parameters():
+            nn.init.uniform_(param, -bound, bound)
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+        """x: [seq, batch, in], state (h0, c0) each [batch, h] ->
+        (h for every step [seq, batch, h], (h_last, c_last))."""
+        return lstm_layer(x, state[0], state[1], self.weight_ih, self.weight_hh, self.bias, self.peephole)
+
+    @torch.no_grad()
+    def copy_from_torch_lstm(self, lstm: nn.LSTM, layer: int = 0) -> None:
+        """Load layer ``layer`` of an ``nn.LSTM`` (its two biases summed); peepholes set to 0."""
+        self.weight_ih.copy_(getattr(lstm, f"weight_ih_l{layer}"))
+        self.weight_hh.copy_(getattr(lstm, f"weight_hh_l{layer}"))
+        self.bias.copy_(getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
+        if self.peephole is not None:
+            self.peephole.zero_()
+
+
+class PeepholeLSTMLanguageModel(nn.Module):
+    """Embedding -> stacked :class:`HandLSTMLayer` -> linear; the hand-written twin of
+    :class:`rnnlab.models.lm.LSTMLanguageModel` (same kwargs, dropout placement and init)."""
+
+    cell_type = "lstm"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_size: int = 200,
+        hidden_size: int = 200,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        tie_weights: bool = False,
+        peepholes: bool = True,
+    ):
+        super().__init__()
+        check_lm_hparams(embedding_size, hidden_size, num_layers, dropout, tie_weights)
+        self.hparams = dict(
+            vocab_size=vocab_size,
+            embedding_size=embedding_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout,
+            tie_weights=tie_weights,
+            peepholes=peepholes,
+        )
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.drop = nn.Dropout(dropout)
+        self.embedding = nn.Embedding(vocab_size, embedding_size)
+        self.layers = nn.ModuleList(
+            HandLSTMLayer(embedding_size if i == 0 else hidden_size, hidden_size, peepholes)
+            for i in range(num_layers)
+        )
+        self.decoder = nn.Linear(hidden_size, vocab_size)
+        init_range = 0.1
+        nn.init.uniform_(self.embedding.weight, -init_range, init_range)
+        nn.init.zeros_(self.decoder.bias)
+        if tie_weights:
+            self.decoder.weight = self.embedding.weight
+        else:
+            nn.init.uniform_(self.decoder.weight, -init_range, init_range)
+
+    def init_state(self, batch_size: int, device: torch.device | str = "cpu"):
+        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.decoder.weight.dtype)
+        return zeros, zeros.clone()
+
+    def forward(self, tokens: torch.Tensor, state=None):
+        if state is None:
+            state = self.init_state(tokens.size(1), tokens.device)
+        h0, c0 = state  # each [num_layers, batch, hidden]
+        x = self.drop(self.embedding(tokens))  # [seq, batch, emb]
+        h_last, c_last = [], []
+        for i, layer in enumerate(self.layers):
+            x, (h, c) = layer(x, (h0[i], c0[i]))  # x: [seq, batch, hidden]
+            if i < self.num_layers - 1:
+                x = self.drop(x)  # nn.LSTM's inter-layer dropout
+            h_last.append(h)
+            c_last.append(c)
+        logits = self.decoder(self.drop(x))  # [seq, batch, vocab]
+        return logits, (torch.stack(h_last), torch.stack(c_last))
+
+    @torch.no_grad()
+    def copy_from_torch_lstm(self, lstm: nn.LSTM) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.copy_from_torch_lstm(lstm, i)
+
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+class HandLSTMLanguageModel(PeepholeLSTMLanguageModel):
+    """The hand-written LSTM without peepholes: same function as ``nn.LSTM``, unfused."""
+
+    def __init__(self, vocab_size: int, embedding_size: int = 200, hidden_size: int = 200, num_layers: int = 2,
+                 dropout: float = 0.2, tie_weights: bool = False, peepholes: bool = False):
+        super().__init__(vocab_size, embedding_size, hidden_size, num_layers, dropout, tie_weights, peepholes)

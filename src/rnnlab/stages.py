@@ -1,0 +1,149 @@
+"""The body of each DVC stage, as plain functions (``pipeline/<stage>.py`` only parses paths).
+
+Each takes the loaded ``params.yaml`` dict and the paths ``dvc.yaml`` gives it, reads only its
+own params section (+ ``seed`` and ``tracking``), and writes its outputs atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rnnlab.config import parse_section, section
+from rnnlab.data.download import fetch_corpus, resolve_mirror
+from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
+from rnnlab.errors import ConfigError
+from rnnlab.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DownloadConfig:
+    corpora: list[str]
+    mirror: str | None = None
+    retries: int = 3
+    timeout_s: float = 60.0
+    progress: bool = True
+
+    def validate(self, where: str) -> None:
+        from rnnlab.data.registry import get_corpus
+
+        for i, name in enumerate(self.corpora):
+            try:
+                get_corpus(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.corpora[{i}]: {exc}") from None
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+
+
+def tracking_enabled(params: dict) -> bool:
+    return parse_section(TrackingConfig, params.get("tracking", {}), "tracking").enabled
+
+
+def get_seed(params: dict) -> int:
+    seed = section(params, "seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed: expected an integer, got {seed!r}")
+    return seed
+
+
+def download_stage(params: dict, raw_dir: Path, metrics_path: Path) -> dict:
+    cfg = parse_section(DownloadConfig, section(params, "download"), "download")
+    mirror = resolve_mirror(cfg.mirror)
+    report = {}
+    for name in cfg.corpora:
+        r = fetch_corpus(name, raw_dir, mirror, cfg.retries, cfg.timeout_s, cfg.progress)
+        log.info("%s: %d files from %s (%d fetched, %d already verified)", name, r.files, r.origin, r.fetched,
+                 r.already_present)
+        report[name] = {"files": r.files, "origin": r.origin}
+    write_json(metrics_path, report)
+    return report
+
+
+def prepare_stage(params: dict, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    cfg = parse_prepare_config(section(params, "prepare"))
+    metrics = prepare_corpora(cfg, raw_dir, out_dir)
+    write_json(metrics_path, metrics)
+    return metrics
+
+
+def train_lm_stage(params: dict, prepared_dir: Path, models_dir: Path, metrics_path: Path, plots_dir: Path) -> dict:
+    from rnnlab.lm_train import parse_train_lm_config, train_language_model
+    from rnnlab.tracking import tracked_run
+
+    cfg = parse_train_lm_config(section(params, "train_lm"))
+    seed = get_seed(params)
+    runs = cfg.run_configs()
+    pairs = [(r.corpus, r.model) for r in runs]
+    if len(set(pairs)) != len(pairs):
+        raise ConfigError(f"train_lm.runs: each (corpus, model) pair may appear once, got {pairs}")
+    table: dict = {}
+    for run in runs:
+        with tracked_run(
+            run_name=f"train_lm/{run.name}",
+            stage="train_lm",
+            experiment=cfg.experiment,
+            enabled=tracking_enabled(params),
+            params={"seed": seed, **asdict(run), "trainer": asdict(cfg.trainer)},
+            data_deps=[prepared_dir / run.corpus / f for f in ("train.npy", "valid.npy", "vocab.json")],
+            tags={"task": "lm", "corpus": run.corpus, "model": run.model},
+        ) as tracker:
+            row = train_language_model(run, cfg.trainer, prepared_dir / run.corpus, models_dir / run.name, seed,
+                                       tracker)
+            row["mlflow_run_id"] = tracker.run_id
+        table.setdefault(run.corpus, {})[run.model] = row
+        history = read_json(models_dir / run.name / "history.json")
+        curve = [{"epoch": h["epoch"], "val_ppl": h.get("val/ppl"), "train_loss": h.get("train/loss_epoch"),
+                  "lr": h.get("lr")} for h in history]
+        write_json(plots_dir / f"{run.name}.json", curve)
+    write_json(metrics_path, table)
+    return table
+
+
+@dataclass
+class EvaluateConfig:
+    lm_batch_size: int = 10
+    lm_bptt: int = 35
+    experiment: str = "rnnlab-evaluate"
+
+
+def evaluate_stage(params: dict, prepared_dir: Path, models_dir: Path, train_metrics: Path, metrics_path: Path) -> dict:
+    from rnnlab.evaluate import evaluate_language_model
+    from rnnlab.lm_train import parse_train_lm_config
+    from rnnlab.tracking import tracked_run
+
+    cfg = parse_section(EvaluateConfig, section(params, "evaluate"), "evaluate")
+    lm_cfg = parse_train_lm_config(section(params, "train_lm"))
+    trained = read_json(train_metrics) if train_metrics.exists() else {}
+    table: dict = {"lm": {}}
+    scored_runs = {}
+    with tracked_run(run_name="evaluate", stage="evaluate", experiment=cfg.experiment,
+                     enabled=tracking_enabled(params), params=asdict(cfg),
+                     data_deps=[train_metrics], tags={"task": "evaluate"}) as tracker:
+        for run in lm_cfg.run_configs():
+            result = evaluate_language_model(models_dir / run.name / "model.ckpt", prepared_dir / run.corpus,
+                                              cfg.lm_batch_size, cfg.lm_bptt)
+            row = {
+                f"{result['split']}_ppl": round(result["ppl"], 3),
+                f"{result['split']}_loss": round(result["loss"], 5),
+                "tokens": result["tokens"],
+            }
+            if run.corpus == "tinyshakespeare":
+                row[f"{result['split']}_bpc"] = round(result["bpc"], 4)
+            train_run = trained.get(run.corpus, {}).get(run.model, {}).get("mlflow_run_id")
+            if train_run:
+                row["mlflow_run_id"] = train_run
+                scored_runs[f"scored.{run.name}"] = train_run
+            table["lm"].setdefault(run.corpus, {})[run.model] = row
+            tracker.log_metrics({f"lm.{run.corpus}.{run.model}.{k}": v for k, v in row.items()
+                                 if isinstance(v, (int, float))})
+        tracker.set_tags(scored_runs)
+        tracker.log_dict(table, "evaluate.json")
+    write_json(metrics_path, table)
+    return table

@@ -1,0 +1,1 @@
+"""LightningModules: loss, metrics, optimisers; they build their net from hyperparameters."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real corpora mirror (../shared/corpora) and small prepared copies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("RNNLAB_MIRROR", REPO.parent / "shared" / "corpora")).resolve()
+
+
+def pytest_configure(config):
+    if not (MIRROR / "ptb" / "ptb.train.txt").is_file():
+        raise pytest.UsageError(
+            f"the corpora mirror is missing at {MIRROR}; tests run on the real corpora "
+            "(set RNNLAB_MIRROR=/path/to/shared/corpora)"
+        )
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    return MIRROR
+
+
+@pytest.fixture(scope="session")
+def prepared_ptb(tmp_path_factory, mirror) -> Path:
+    """PTB prepared by the real prepare code (train/valid/test .npy + vocab.json)."""
+    from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
+
+    out = tmp_path_factory.mktemp("prepared")
+    cfg = parse_prepare_config({"corpora": ["ptb"], "vocab": {}})
+    prepare_corpora(cfg, mirror, out)
+    return out / "ptb"
