@@ -10,8 +10,21 @@ from collections.abc import Callable
 from rnnlab.errors import RnnlabError
 
 
+class _DropAdverts(logging.Filter):
+    """Lightning logs a cloud-service tip at every Trainer start; it is noise in stage logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def setup_logging(level: int = logging.INFO) -> None:
+    import warnings
+
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropAdverts())
+    # Lightning 2.6 + torch 2.14 deprecation inside Lightning itself; nothing for us to change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def run_stage(main: Callable[[], object]) -> None:
@@ -30,6 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     p_repr = sub.add_parser("represent", help="show bag-of-words / one-hot codes of a sentence over a vocab")
     p_repr.add_argument("sentence")
     p_repr.add_argument("--vocab", default="data/prepared/ptb/vocab.json")
+    p_gen = sub.add_parser("generate", help="sample text from a trained language model")
+    p_gen.add_argument("--run", required=True, help="checkpoint path (model.ckpt) or MLflow run id")
+    p_gen.add_argument("--prompt", default="")
+    p_gen.add_argument("--tokens", type=int, default=50)
+    p_gen.add_argument("--temperature", type=float, default=1.0)
+    p_gen.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
     try:
@@ -43,9 +62,22 @@ def main(argv: list[str] | None = None) -> None:
             nz = {vocab.itos[i]: int(bow[i]) for i in bow.nonzero().flatten().tolist()}
             print("bag of words:", nz)
             print("one-hot ids :", one_hot_sequence(tokens, vocab).argmax(dim=1).tolist())
+        elif args.command == "generate":
+            print(generate_command(args.run, args.prompt, args.tokens, args.temperature, args.seed))
     except RnnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def generate_command(run: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
+    from rnnlab.generate import resolve_model_path, sample_neural
+
+    path = resolve_model_path(run)
+    from rnnlab.checkpoints import load_language_model
+
+    model, vocab, hp = load_language_model(path)
+    char_level = (hp.get("tokenizer") or {}).get("name") == "char"
+    return sample_neural(model, vocab, prompt, tokens, temperature, seed, char_level)
 
 
 if __name__ == "__main__":

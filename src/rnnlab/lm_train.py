@@ -9,10 +9,17 @@
 
 Outputs per run under ``<models_dir>/<name>/``: ``model.ckpt`` (best by validation loss, vocab
 inside), ``history.json``; metrics table ``{corpus: {model: {...}}}`` for ``train_lm.json``.
+
+Reliability and scale (README "Reliability", "Scaling"): each run resumes from its folder under
+``<checkpoints_dir>/<name>/`` (``rnnlab.resume``; outside the DVC outputs, deleted once the
+stage's outputs are written) and continues its MLflow run. Under ``trainer.strategy: ddp`` each
+rank trains on its own block of the batch columns (``ShardedLMDataModule``), so every rank
+carries its own hidden state, and only global rank 0 tracks and writes outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -22,15 +29,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from rnnlab.config import parse_section, require
-from rnnlab.data.lm_data import LMDataModule
+from rnnlab.data.lm_data import BPTTWindows, LMDataModule, batchify
 from rnnlab.data.registry import get_corpus
 from rnnlab.errors import ConfigError
-from rnnlab.io import write_json
+from rnnlab.io import copy_file, read_json, write_json
 from rnnlab.models.lm import LANGUAGE_MODELS
+from rnnlab.resume import ResumableLoader, ResumeCallback, ResumeDir, fit_resumable
 from rnnlab.tasks.lm_task import LanguageModelTask
-from rnnlab.training import HistoryCallback, TrainerConfig, make_trainer, safe_exp, seed_everything
+from rnnlab.training import HistoryCallback, TrainerConfig, global_rank, make_trainer, safe_exp, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +113,64 @@ def parse_train_lm_config(data: dict) -> TrainLMConfig:
     return cfg
 
 
+class ShardedLMDataModule(LMDataModule):
+    """``LMDataModule`` with resumable training windows, split between DDP ranks by batch column.
+
+    The stream is batchified with the global ``batch_size`` exactly as on one process; rank r of
+    W then keeps columns ``r*B/W .. (r+1)*B/W - 1``. Each column is an independent contiguous
+    piece of the stream, so each rank carries the hidden state of its own columns from window to
+    window, and the ranks together train on exactly the single-process batch (DDP averages the
+    gradients of equal-sized shards = the gradient of the global mean loss). Evaluation splits
+    are sharded the same way with ``eval_batch_size``.
+    """
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def windows(self, split: str) -> BPTTWindows:
+        bsz = self.batch_size if split == "train" else self.eval_batch_size
+        batched = batchify(self.stream(split), bsz)  # [n_steps, bsz]
+        rank, world = self._rank_world()
+        if world > 1:
+            key = "batch_size" if split == "train" else "eval_batch_size"
+            if bsz % world:
+                raise ConfigError(f"train_lm.runs[*].{key}: expected a multiple of the {world} processes "
+                                  f"(trainer.devices x num_nodes), got {bsz}")
+            per_rank = bsz // world
+            batched = batched[:, rank * per_rank : (rank + 1) * per_rank].contiguous()  # [n_steps, bsz/W]
+            if split == "train":
+                digest = hashlib.md5(batched.numpy().tobytes()).hexdigest()
+                log.info("rank %d/%d trains on columns %d..%d of %d (shard md5 %s)", rank, world,
+                         rank * per_rank, (rank + 1) * per_rank - 1, bsz, digest)
+        return BPTTWindows(batched, self.bptt)
+
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.windows("train"))  # its position is saved in every checkpoint
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self.windows(split), batch_size=None, shuffle=False)
+
+
+def resume_identity(run: LMRunConfig, trainer_cfg: TrainerConfig, seed: int, data_files: list[Path]) -> dict:
+    """What a checkpoint must match to be resumed: run config, trainer layout, seed, data md5."""
+    from rnnlab.tracking import md5_path
+
+    return {"stage": "train_lm", "run": asdict(run), "trainer": trainer_cfg.resume_identity(), "seed": seed,
+            "data": {p.name: md5_path(p) for p in data_files}}
+
+
 def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_dir: Path, out_dir: Path,
-                         seed: int, tracker=None) -> dict:
-    """Train one LM; return its metrics row. ``out_dir/model.ckpt`` is the best checkpoint."""
+                         seed: int, tracker=None, resume: ResumeDir | None = None) -> dict:
+    """Train one LM; return its metrics row. ``out_dir/model.ckpt`` is the best checkpoint.
+
+    With ``resume``, training continues from the newest readable checkpoint in that folder,
+    saves there every ``trainer_cfg.checkpoint_every_n_steps`` steps, at epoch ends and on
+    SIGINT/SIGTERM, and keeps the best-so-far checkpoint there (not in ``out_dir``, which DVC
+    deletes before rerunning the stage). Only global rank 0 writes ``out_dir``.
+    """
     seed_everything(seed)
-    dm = LMDataModule(prepared_dir, run.batch_size, run.bptt, run.eval_batch_size, run.train_fraction)
+    dm = ShardedLMDataModule(prepared_dir, run.batch_size, run.bptt, run.eval_batch_size, run.train_fraction)
     task = LanguageModelTask(
         model_name=run.model,
         vocab_size=len(dm.vocab),
@@ -119,30 +181,43 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
         clip=run.clip,
         lr_anneal_factor=run.lr_anneal_factor,
         vocab_fingerprint=dm.vocab.fingerprint(),
+        tokenizer=read_json(prepared_dir / "tokenizer.json") if (prepared_dir / "tokenizer.json").exists() else None,
         vocab=dm.vocab,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = resume.best_dir if resume is not None else out_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1)
     history = HistoryCallback(tracker, tokens_per_batch=lambda batch: batch[0].numel())
-    overrides = {"limit_train_batches": run.limit_train_batches}
+    callbacks = [checkpoint, history]
+    resume_callback = None
+    if resume is not None:
+        resume_callback = ResumeCallback(resume, trainer_cfg.checkpoint_every_n_steps)
+        callbacks.append(resume_callback)
+    # Our loaders shard the batch columns themselves; a DistributedSampler would deal whole
+    # windows round-robin to the ranks and break the carried hidden state.
+    overrides = {"limit_train_batches": run.limit_train_batches, "use_distributed_sampler": False}
     if run.max_time_minutes:
         overrides["max_time"] = {"minutes": run.max_time_minutes}
-    trainer = make_trainer(trainer_cfg, [checkpoint, history], run.max_epochs, str(out_dir), **overrides)
+    trainer = make_trainer(trainer_cfg, callbacks, run.max_epochs, str(out_dir), **overrides)
     started = time.perf_counter()
-    trainer.fit(task, datamodule=dm)
-    wall = time.perf_counter() - started
-    best = Path(checkpoint.best_model_path)
     test_split = "test" if dm.has_split("test") else "valid"
-    test_result = trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False)[0]
-    final = out_dir / "model.ckpt"
-    shutil.copyfile(best, final)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if resume is not None:
+        with resume_callback.catch_signals():  # Ctrl-C during the final test also stops cleanly
+            fit_resumable(trainer, task, dm, resume, resume_callback)
+            wall = resume_callback.elapsed_s
+            best = Path(checkpoint.best_model_path)
+            test_result = trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)[0]
+            resume_callback.raise_if_stopped()
+        if tracker is not None:
+            tracker.set_tags({"rnnlab.resumes": resume.state.get("resumes", 0)})
+    else:
+        trainer.fit(task, datamodule=dm)
+        wall = time.perf_counter() - started
+        best = Path(checkpoint.best_model_path)
+        test_result = trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)[0]
     best_val = min(h["val/loss"] for h in history.history)
     row = {
         "val_loss": round(best_val, 5),
         "val_ppl": round(safe_exp(best_val), 3),
-        f"{test_split}_ppl_final": round(test_result["test/ppl"], 3),
         "test_split": test_split,
         "test_loss": round(test_result["test/loss"], 5),
         "test_ppl": round(test_result["test/ppl"], 3),
@@ -151,10 +226,16 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
         "wall_s": round(wall, 1),
         "epochs": len(history.history),
     }
-    row.pop(f"{test_split}_ppl_final")
     if get_corpus(run.corpus).task == "lm-char":
         row["val_bpc"] = round(best_val / math.log(2), 4)
         row["test_bpc"] = round(test_result["test/loss"] / math.log(2), 4)
+    if not trainer.is_global_zero:
+        log.info("rank %d: trained and evaluated its shard; rank 0 writes the outputs", trainer.global_rank)
+        return row
+    final = out_dir / "model.ckpt"
+    copy_file(best, final)
+    if resume is None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     write_json(out_dir / "history.json", history.history)
     if tracker is not None:
         tracker.log_metrics({f"final/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
@@ -163,6 +244,55 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
         tracker.log_artifact(out_dir / "history.json")
     log.info("%s: %s", run.name, row)
     return row
+
+
+def train_lm_runs(cfg: TrainLMConfig, seed: int, tracking: bool, prepared_dir: Path, models_dir: Path,
+                  metrics_path: Path, plots_dir: Path, checkpoints_dir: Path) -> dict:
+    """The ``train_lm`` stage body: every run in ``cfg.runs``, resumable, tracked; returns the table.
+
+    Each run's resume folder ``checkpoints_dir/<name>`` is kept until the metrics table is
+    written, so a stage killed during its second run reruns its first one from the finished
+    checkpoint (evaluation only) instead of retraining it.
+    """
+    from rnnlab.tracking import tracked_run
+
+    runs = cfg.run_configs()
+    pairs = [(r.corpus, r.model) for r in runs]
+    if len(set(pairs)) != len(pairs):
+        raise ConfigError(f"train_lm.runs: each (corpus, model) pair may appear once, got {pairs}")
+    writer = global_rank() == 0
+    table: dict = {}
+    resume_dirs = []
+    for run in runs:
+        data_files = [prepared_dir / run.corpus / f for f in ("train.npy", "valid.npy", "vocab.json")]
+        resume = ResumeDir(checkpoints_dir / run.name, resume_identity(run, cfg.trainer, seed, data_files),
+                           enabled=cfg.trainer.resume)
+        resume_dirs.append(resume)
+        with tracked_run(
+            run_name=f"train_lm/{run.name}",
+            stage="train_lm",
+            experiment=cfg.experiment,
+            enabled=tracking,
+            params={"seed": seed, **asdict(run), "trainer": asdict(cfg.trainer)},
+            data_deps=data_files,
+            tags={"task": "lm", "corpus": run.corpus, "model": run.model},
+            run_id=resume.mlflow_run_id,
+        ) as tracker:
+            resume.record_run_id(tracker.run_id)
+            row = train_language_model(run, cfg.trainer, prepared_dir / run.corpus, models_dir / run.name, seed,
+                                       tracker, resume=resume)
+            row["mlflow_run_id"] = tracker.run_id or resume.mlflow_run_id
+        table.setdefault(run.corpus, {})[run.model] = row
+        if writer:
+            history = read_json(models_dir / run.name / "history.json")
+            curve = [{"epoch": h["epoch"], "val_ppl": h.get("val/ppl"), "train_loss": h.get("train/loss_epoch"),
+                      "lr": h.get("lr")} for h in history]
+            write_json(plots_dir / f"{run.name}.json", curve)
+    if writer:
+        write_json(metrics_path, table)
+        for resume in resume_dirs:
+            resume.clear()
+    return table
 
 
 def run_config_dict(run: LMRunConfig) -> dict:

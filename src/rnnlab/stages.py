@@ -73,37 +73,14 @@ def prepare_stage(params: dict, raw_dir: Path, out_dir: Path, metrics_path: Path
     return metrics
 
 
-def train_lm_stage(params: dict, prepared_dir: Path, models_dir: Path, metrics_path: Path, plots_dir: Path) -> dict:
-    from rnnlab.lm_train import parse_train_lm_config, train_language_model
-    from rnnlab.tracking import tracked_run
+def train_lm_stage(params: dict, prepared_dir: Path, models_dir: Path, metrics_path: Path, plots_dir: Path,
+                   checkpoints_dir: Path = Path("data/checkpoints/train_lm")) -> dict:
+    """``checkpoints_dir``: resume checkpoints, outside the DVC outputs (README "Reliability")."""
+    from rnnlab.lm_train import parse_train_lm_config, train_lm_runs
 
     cfg = parse_train_lm_config(section(params, "train_lm"))
-    seed = get_seed(params)
-    runs = cfg.run_configs()
-    pairs = [(r.corpus, r.model) for r in runs]
-    if len(set(pairs)) != len(pairs):
-        raise ConfigError(f"train_lm.runs: each (corpus, model) pair may appear once, got {pairs}")
-    table: dict = {}
-    for run in runs:
-        with tracked_run(
-            run_name=f"train_lm/{run.name}",
-            stage="train_lm",
-            experiment=cfg.experiment,
-            enabled=tracking_enabled(params),
-            params={"seed": seed, **asdict(run), "trainer": asdict(cfg.trainer)},
-            data_deps=[prepared_dir / run.corpus / f for f in ("train.npy", "valid.npy", "vocab.json")],
-            tags={"task": "lm", "corpus": run.corpus, "model": run.model},
-        ) as tracker:
-            row = train_language_model(run, cfg.trainer, prepared_dir / run.corpus, models_dir / run.name, seed,
-                                       tracker)
-            row["mlflow_run_id"] = tracker.run_id
-        table.setdefault(run.corpus, {})[run.model] = row
-        history = read_json(models_dir / run.name / "history.json")
-        curve = [{"epoch": h["epoch"], "val_ppl": h.get("val/ppl"), "train_loss": h.get("train/loss_epoch"),
-                  "lr": h.get("lr")} for h in history]
-        write_json(plots_dir / f"{run.name}.json", curve)
-    write_json(metrics_path, table)
-    return table
+    return train_lm_runs(cfg, get_seed(params), tracking_enabled(params), prepared_dir, models_dir, metrics_path,
+                         plots_dir, checkpoints_dir)
 
 
 @dataclass
@@ -147,3 +124,4 @@ def evaluate_stage(params: dict, prepared_dir: Path, models_dir: Path, train_met
         tracker.log_dict(table, "evaluate.json")
     write_json(metrics_path, table)
     return table
+

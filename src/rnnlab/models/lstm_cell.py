@@ -15,9 +15,12 @@ sees only its own cell. Without peepholes this is exactly ``nn.LSTM``.
 
 Speed: the four gates' input weights are one ``[4h, in]`` matrix applied to the whole window
 in a single matmul before the time loop; inside the loop one ``[4h, h]`` matmul per step
-gives all recurrent gate pre-activations. Parameters use ``nn.LSTM``'s layout and gate order
-(i, f, g, o), except that its two biases ``b_ih + b_hh`` are one ``bias`` here, so weights copy
-across directly.
+gives all recurrent gate pre-activations, and the backward pass (BPTT) is written out by
+hand (:class:`LSTMWindowFunction`) instead of recorded step by step by autograd.
+:func:`lstm_cell` / :func:`lstm_layer_autograd` are the readable one-step version and the
+autograd reference it is tested against. Parameters use ``nn.LSTM``'s layout and gate order
+(i, f, g, o), except that its two biases ``b_ih + b_hh`` are one ``bias`` here, so weights
+copy across directly.
 
 State: ``(h, c)``, each [num_layers, batch, hidden], as ``nn.LSTM``.
 """
@@ -28,6 +31,7 @@ import math
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from rnnlab.models.rnn import check_lm_hparams
 
@@ -57,6 +61,88 @@ def lstm_cell(
     return h_new, c_new
 
 
+class LSTMWindowFunction(torch.autograd.Function):
+    """Forward and backpropagation through time of one LSTM layer over a window, by hand.
+
+    Same function as unrolling :func:`lstm_cell` under autograd, but the backward pass is the
+    explicit BPTT recursion (one ``[4h, h]`` matmul and a few element-wise ops per step, the
+    gates' local derivatives precomputed for the whole window), about 1.2x faster on CPU
+    than letting autograd walk ~20 graph nodes per step. Tested against autograd, ``nn.LSTM``
+    and finite differences (``gradcheck``).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, gates_x, h0, c0, weight_hh, peephole):
+        # gates_x: [seq, batch, 4h] = W x(t) + b; h0, c0: [batch, h]; weight_hh: [4h, h]; peephole: [3, h] | None
+        seq_len, batch, four_h = gates_x.shape
+        hid = four_h // 4
+        w_hh_t = weight_hh.t()
+        acts = torch.empty_like(gates_x)  # gate values after their nonlinearity, order i f g o
+        hs = gates_x.new_empty(seq_len + 1, batch, hid)  # h(0..seq)
+        cs = gates_x.new_empty(seq_len + 1, batch, hid)  # c(0..seq)
+        tanh_cs = gates_x.new_empty(seq_len, batch, hid)  # tanh(c(1..seq)), reused by backward
+        hs[0], cs[0] = h0, c0
+        for t in range(seq_len):
+            gates = torch.addmm(gates_x[t], hs[t], w_hh_t)  # [batch, 4h]
+            act, c_prev = acts[t], cs[t]
+            if peephole is not None:  # i and f see c(t-1)
+                gates[:, : 2 * hid].view(batch, 2, hid).addcmul_(peephole[:2], c_prev.unsqueeze(1))
+                torch.sigmoid(gates[:, : 2 * hid], out=act[:, : 2 * hid])
+            else:  # one call for i, f (and o, its pre-activation is final too); g is overwritten below
+                torch.sigmoid(gates, out=act)
+            torch.tanh(gates[:, 2 * hid : 3 * hid], out=act[:, 2 * hid : 3 * hid])
+            i, f, g = act[:, :hid], act[:, hid : 2 * hid], act[:, 2 * hid : 3 * hid]
+            c = torch.addcmul(f * c_prev, i, g, out=cs[t + 1])  # c(t) = f c(t-1) + i g
+            if peephole is not None:  # o sees the new c(t)
+                torch.sigmoid(gates[:, 3 * hid :].addcmul_(peephole[2], c), out=act[:, 3 * hid :])
+            torch.mul(act[:, 3 * hid :], torch.tanh(c, out=tanh_cs[t]), out=hs[t + 1])  # h(t) = o tanh(c(t))
+        ctx.save_for_backward(acts, hs, cs, tanh_cs, weight_hh, peephole)
+        return hs[1:], hs[seq_len].clone(), cs[seq_len].clone()
+
+    @staticmethod
+    @once_differentiable
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out, grad_h_last, grad_c_last):
+        acts, hs, cs, tanh_cs, weight_hh, peephole = ctx.saved_tensors
+        seq_len, batch, four_h = acts.shape
+        hid = four_h // 4
+        i, f, g, o = acts.unflatten(-1, (4, hid)).unbind(2)  # each [seq, batch, h]
+        # Local derivatives of every step at once; the loop below only chains them backwards.
+        do_pre_dh = tanh_cs * o * (1 - o)  # d o_pre / d h(t)
+        dc_dh = o * (1 - tanh_cs * tanh_cs)  # d c(t) / d h(t), within the step
+        difg_pre_dc = torch.stack([g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)], dim=2)  # [seq, batch, 3, h]
+        grad_gates = torch.empty_like(acts)  # d L / d gate pre-activations: [seq, batch, 4h]
+        grad_gates_4 = grad_gates.view(seq_len, batch, 4, hid)
+        if grad_out is None:
+            grad_out = torch.zeros_like(tanh_cs)
+        dh = grad_out[-1] if grad_h_last is None else grad_out[-1] + grad_h_last  # dL/dh(t): [batch, h]
+        dc = torch.zeros_like(dh) if grad_c_last is None else grad_c_last  # dL/dc(t): [batch, h]
+        for t in range(seq_len - 1, -1, -1):
+            torch.mul(dh, do_pre_dh[t], out=grad_gates_4[t, :, 3])
+            dc = torch.addcmul(dc, dh, dc_dh[t])
+            if peephole is not None:
+                dc.addcmul_(grad_gates_4[t, :, 3], peephole[2])
+            torch.mul(dc.unsqueeze(1), difg_pre_dc[t], out=grad_gates_4[t, :, :3])
+            dc = dc * f[t]  # the constant error carousel: dc(t-1) = f(t) dc(t) (+ peephole paths)
+            if peephole is not None:
+                dc.add_((grad_gates_4[t, :, :2] * peephole[:2]).sum(1))
+            dh = torch.mm(grad_gates[t], weight_hh)  # through W h(t-1)
+            if t > 0:
+                dh += grad_out[t - 1]
+        grad_w_hh = grad_gates.reshape(-1, four_h).t() @ hs[:-1].reshape(-1, hid)  # sum_t dgates(t)^T h(t-1)
+        grad_peephole = None
+        if peephole is not None:
+            grad_peephole = torch.stack(
+                [
+                    (grad_gates_4[:, :, 0] * cs[:-1]).sum((0, 1)),
+                    (grad_gates_4[:, :, 1] * cs[:-1]).sum((0, 1)),
+                    (grad_gates_4[:, :, 3] * cs[1:]).sum((0, 1)),
+                ]
+            )
+        return grad_gates, dh, dc, grad_w_hh, grad_peephole
+
+
 def lstm_layer(
     x: torch.Tensor,
     h0: torch.Tensor,
@@ -66,13 +152,30 @@ def lstm_layer(
     bias: torch.Tensor,
     peephole: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Unroll :func:`lstm_cell` over a window.
+    """One LSTM layer over a window: the input projection of every step in one matmul, then
+    :class:`LSTMWindowFunction` for the recurrence.
 
     x: [seq, batch, in]; h0, c0: [batch, h]; weight_ih: [4h, in]; weight_hh: [4h, h]; bias: [4h].
     Returns (h(1..seq) [seq, batch, h], (h(seq), c(seq))).
     """
     seq_len, batch = x.size(0), x.size(1)
-    # All four gates' input parts for the whole window in one matmul: [seq, batch, 4h].
+    gates_x = torch.addmm(bias, x.reshape(seq_len * batch, -1), weight_ih.t()).view(seq_len, batch, -1)
+    outputs, h, c = LSTMWindowFunction.apply(gates_x, h0, c0, weight_hh, peephole)
+    return outputs, (h, c)
+
+
+def lstm_layer_autograd(
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: torch.Tensor,
+    peephole: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The same layer as :func:`lstm_layer`, unrolled over :func:`lstm_cell` and differentiated
+    by autograd: the readable reference the hand-written BPTT is tested against."""
+    seq_len, batch = x.size(0), x.size(1)
     gates_x = torch.addmm(bias, x.reshape(seq_len * batch, -1), weight_ih.t()).view(seq_len, batch, -1)
     h, c = h0, c0
     outputs = []
@@ -84,7 +187,7 @@ def lstm_layer(
 
 
 class HandLSTMLayer(nn.Module):
-    """One LSTM layer unrolled over a window by a Python loop over :func:`lstm_cell`."""
+    """One LSTM layer (optionally with peepholes) over a window, via :func:`lstm_layer`."""
 
     def __init__(self, input_size: int, hidden_size: int, peepholes: bool = True):
         super().__init__()

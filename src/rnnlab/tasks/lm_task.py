@@ -4,6 +4,10 @@ The hidden state is carried across consecutive windows (detached, so gradients f
 most ``bptt`` steps) and reset at the start of each epoch and of each evaluation pass.
 Validation/test perplexity is token-weighted over the whole split with the state carried, as
 in pytorch/examples ``evaluate()``. The vocabulary travels inside the checkpoint.
+
+Resume: the carried training state is part of the data position, so ``resume_state()`` hands it
+to ``rnnlab.resume.ResumeCallback`` (one per DDP rank: each rank carries its own batch columns)
+and a run resumed mid-epoch continues the stream exactly where the checkpoint left it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class LanguageModelTask(pl.LightningModule):
         clip: float | None = 0.25,
         lr_anneal_factor: float = 0.25,
         vocab_fingerprint: str = "",
+        tokenizer: dict | None = None,
         vocab: Vocab | None = None,
     ):
         super().__init__()
@@ -44,7 +49,7 @@ class LanguageModelTask(pl.LightningModule):
         carried = self._state[key]  # (batch_size, state) so any state layout works
         if carried is None or carried[0] != batch_size:
             return self.model.init_state(batch_size, self.device)
-        return detach_state(carried[1])
+        return _to_device(detach_state(carried[1]), self.device)
 
     def _step(self, batch, key: str):
         tokens, targets = batch  # [seq, batch] each
@@ -54,18 +59,32 @@ class LanguageModelTask(pl.LightningModule):
         return loss, targets.numel()
 
     # -- training --------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        self._state["train"] = None
-
     def training_step(self, batch, batch_idx):
+        if batch_idx == 0:
+            # A new epoch starts the stream afresh. Keyed on batch_idx (not on_train_epoch_start)
+            # so a run resumed mid-epoch keeps the state restored from its checkpoint.
+            self._state["train"] = None
         loss, _ = self._step(batch, "train")
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"train loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
                 "lower train_lm lr or set clip"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].numel())
+        distributed = self.trainer.world_size > 1  # each rank's loss covers its own columns only
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].numel(),
+                 sync_dist=distributed)
         return loss
+
+    def resume_state(self) -> dict:
+        """The carried training state (this rank's columns), for the resume checkpoint."""
+        carried = self._state["train"]
+        if carried is None:
+            return {"train": None}
+        return {"train": {"batch_size": carried[0], "state": _to_device(detach_state(carried[1]), "cpu")}}
+
+    def load_resume_state(self, state: dict) -> None:
+        carried = state.get("train")
+        self._state["train"] = None if carried is None else (carried["batch_size"], carried["state"])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Clip here rather than via Trainer so the pre-clip norm (exploding gradients) is logged.
@@ -88,7 +107,7 @@ class LanguageModelTask(pl.LightningModule):
         mean = total / max(n, 1)
         self.log(f"{key}/loss", mean, sync_dist=True)
         self.log(f"{key}/ppl", safe_exp(mean), sync_dist=True)
-        self.log(f"{key}/tokens", float(n), sync_dist=True)
+        self.log(f"{key}/tokens", float(n), sync_dist=True, reduce_fx="sum")
 
     def on_validation_epoch_start(self):
         self._eval_start("val")
@@ -135,3 +154,15 @@ class LanguageModelTask(pl.LightningModule):
     def num_parameters(self) -> int:
         return count_parameters(self.model)
 
+
+def _to_device(state, device):
+    """Move a carried state (tensor / tuple / list / dict of tensors) to ``device``."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, (tuple, list)):
+        return type(state)(_to_device(s, device) for s in state)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    raise TypeError(f"cannot move state of type {type(state).__name__}")

@@ -1,0 +1,68 @@
+"""Sampling text from a trained language model (neural checkpoint, or an n-gram model file).
+
+``--run`` accepts a checkpoint path or an MLflow run id (the run's ``model/model.ckpt``
+artifact is fetched). The vocabulary and tokenizer come from the checkpoint / model file, so
+generation never rebuilds them from data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from rnnlab.data.vocab import EOS, Vocab
+from rnnlab.errors import RnnlabError
+
+
+def resolve_model_path(run: str, artifact: str = "model/model.ckpt") -> Path:
+    """A local path as is; otherwise treat ``run`` as an MLflow run id and download its artifact."""
+    path = Path(run)
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[0-9a-f]{32}", run):
+        raise RnnlabError(f"{run}: no such checkpoint file (nor an MLflow run id: 32 hex digits)")
+    try:
+        import mlflow
+    except ImportError as exc:
+        raise RnnlabError(f"{run}: no such file, and mlflow is not installed to look it up as a run id") from exc
+    from rnnlab.tracking import default_tracking_uri
+
+    mlflow.set_tracking_uri(default_tracking_uri())
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run, artifact_path=artifact))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for unknown runs
+        raise RnnlabError(f"{run}: not a file and not an MLflow run with artifact {artifact} ({exc})") from exc
+
+
+def prompt_ids(prompt: str, vocab: Vocab, char_level: bool) -> list[int]:
+    tokens = list(prompt) if char_level else prompt.split()
+    return vocab.encode(tokens) if tokens else [vocab.eos_id]
+
+
+@torch.inference_mode()
+def sample_neural(model, vocab: Vocab, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0,
+                  char_level: bool = False) -> str:
+    if temperature <= 0:
+        raise RnnlabError(f"temperature must be > 0, got {temperature}")
+    generator = torch.Generator().manual_seed(seed)
+    ids = prompt_ids(prompt, vocab, char_level)
+    state = model.init_state(1, "cpu")
+    logits, state = model(torch.tensor(ids).view(-1, 1), state)  # prime on the whole prompt
+    out: list[int] = []
+    for _ in range(n_tokens):
+        probs = torch.softmax(logits[-1, 0].float() / temperature, dim=-1)
+        # Never sample <pad> or <bos>; <unk> is a real PTB word and <eos> ends a line, so both stay.
+        probs[vocab.pad_id] = 0.0
+        probs[vocab.bos_id] = 0.0
+        nxt = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        out.append(nxt)
+        logits, state = model(torch.tensor([[nxt]]), state)
+    return detokenize(vocab.decode(out), char_level)
+
+
+def detokenize(tokens: list[str], char_level: bool) -> str:
+    if char_level:
+        return "".join(tokens)
+    return " ".join("\n" if t == EOS else t for t in tokens).replace(" \n ", "\n").replace(" \n", "\n")

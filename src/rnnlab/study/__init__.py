@@ -1,0 +1,1 @@
+"""Experiments of the lecture's long-term-dependency study: gradient flow and long-lag recall."""

@@ -1,0 +1,476 @@
+"""Captioning: image encoders, image validation, feature cache, decoders, data, BLEU, training.
+
+Runs on a handful of real Flickr8k images and captions from the mirror; the corrupt images are
+made from copies of real ones in temporary folders (the mirror is never written).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rnnlab.caption_eval import caption_image_files, corpus_bleu, sacrebleu_standard
+from rnnlab.caption_train import parse_caption_config, train_captioner
+from rnnlab.data.captions import CaptionDataModule, read_flickr8k
+from rnnlab.data.images import load_image, validate_images
+from rnnlab.data.vocab import Vocab
+from rnnlab.decoding import beam_search, greedy_decode
+from rnnlab.errors import ConfigError, DataError
+from rnnlab.features import encode_batch, extract_features, load_features, optimize_for_inference
+from rnnlab.models.captioner import ShowAndTell, ShowAttendTell, build_captioner, incremental_decoder
+from rnnlab.models.image_encoder import build_image_encoder, efficientnet_lite0_weights_path
+from rnnlab.tasks.caption_task import load_captioner
+
+QUIRKY_ID = "2258277193_586949ec62.jpg.1"
+SPLIT_SIZES = {"train": 4, "dev": 2, "test": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small ops: one thread is faster and, on a shared 2-core machine, far more predictable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def flickr(mirror) -> Path:
+    return mirror / "flickr8k"
+
+
+@pytest.fixture(scope="module")
+def real_table(flickr):
+    table, problems = read_flickr8k(flickr)
+    return table, problems
+
+
+@pytest.fixture(scope="module")
+def subset(real_table) -> pd.DataFrame:
+    """Captions of the first few images of each official split (real names and captions)."""
+    table, _ = real_table
+    keep = []
+    for split, n in SPLIT_SIZES.items():
+        keep += list(table[table.split == split].image.drop_duplicates().head(n))
+    return table[table.image.isin(keep)].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory, flickr, subset):
+    out = tmp_path_factory.mktemp("features")
+    names = sorted(subset.image.unique())
+    summary = extract_features(flickr / "images", names, out / "features.npy", out / "features.json",
+                               batch_size=4, num_workers=0)
+    return out / "features.npy", out / "features.json", summary
+
+
+@pytest.fixture(scope="module")
+def efficientnet():
+    return build_image_encoder("efficientnet_lite0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders and the fast feature path
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet50", 2048), ("small_cnn", 256)])
+def test_encoder_output_is_a_7x7_grid_with_reported_channels(name, channels):
+    encoder = build_image_encoder(name, pretrained=False) if name != "small_cnn" else build_image_encoder(name)
+    with torch.inference_mode():
+        out = encoder(torch.randn(1, 3, 224, 224))
+    assert encoder.out_channels == channels
+    assert out.shape == (1, channels, 7, 7)
+
+
+def test_efficientnet_lite0_uses_the_wheels_imagenet_weights(efficientnet, flickr):
+    state = torch.load(efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    net = efficientnet.body.net
+    assert torch.equal(net._conv_stem.weight, state["_conv_stem.weight"])
+    assert torch.equal(net._blocks[5]._project_conv.weight, state["_blocks.5._project_conv.weight"])
+    image = load_image(flickr / "images" / "1000268201_693b08cb0e.jpg")
+    with torch.inference_mode():
+        maps = efficientnet(efficientnet.normalize(image.unsqueeze(0)))
+    assert efficientnet.out_channels == 1280 and maps.shape == (1, 1280, 7, 7)
+    assert 0.0 <= maps.min().item() and maps.max().item() <= 6.0  # ReLU6 head
+
+
+def test_resnet_without_weights_offline_explains_what_to_do(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ConfigError, match="weights_path"):
+        build_image_encoder("resnet18")
+    # A local weights file is the offline route.
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    loaded = build_image_encoder("resnet18", weights_path=tmp_path / "r18.pth")
+    assert torch.equal(loaded.body[0].weight, reference.conv1.weight)
+    assert torch.equal(loaded.body[7][1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(ConfigError, match="not found"):
+        build_image_encoder("resnet18", weights_path=tmp_path / "missing.pth")
+    with pytest.raises(ConfigError, match="unknown image encoder"):
+        build_image_encoder("vgg16")
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_fast_path_gives_the_same_features(name, efficientnet, flickr):
+    encoder = efficientnet if name == "efficientnet_lite0" else build_image_encoder(name, pretrained=False)
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules())
+    fast = optimize_for_inference(encoder)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()), "every BatchNorm folded"
+    assert n_bn > 10
+    names = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg"]
+    images = torch.stack([load_image(flickr / "images" / n) for n in names])
+    slow = encode_batch(encoder, images, channels_last=False)
+    quick = encode_batch(fast, images)
+    assert slow.shape == (2, 49, encoder.out_channels)
+    assert (slow - quick).abs().max().item() < 1e-3 * max(1.0, slow.abs().max().item())
+    assert slow.abs().max().item() > 0.1  # real, non-trivial features
+
+
+# ---------------------------------------------------------------------------------------------
+# Image validation and the feature cache
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture()
+def image_folder(tmp_path, flickr) -> Path:
+    """Copies of real images plus corrupt ones: truncated JPEG, text named .jpg, empty file."""
+    src = flickr / "images"
+    shutil.copy(src / "1000268201_693b08cb0e.jpg", tmp_path / "good_a.jpg")
+    shutil.copy(src / "1001773457_577c3a7d70.jpg", tmp_path / "good_b.jpg")
+    data = (src / "1002674143_1b742ab4b8.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    shutil.copy(flickr / "Flickr_8k.devImages.txt", tmp_path / "not_an_image.jpg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    return tmp_path
+
+
+def test_validate_images_reports_every_bad_file_by_name(image_folder):
+    names = ["good_a.jpg", "truncated.jpg", "not_an_image.jpg", "missing.jpg", "empty.jpg", "good_b.jpg"]
+    ok, problems = validate_images(image_folder, names)
+    assert ok == ["good_a.jpg", "good_b.jpg"]
+    reasons = dict(problems)
+    assert list(reasons) == ["truncated.jpg", "not_an_image.jpg", "missing.jpg", "empty.jpg"]
+    assert "truncated" in reasons["truncated.jpg"]
+    assert "not an image" in reasons["not_an_image.jpg"]
+    assert reasons["missing.jpg"] == "missing file"
+    assert reasons["empty.jpg"] == "empty file"
+    with pytest.raises(DataError, match="truncated"):
+        load_image(image_folder / "truncated.jpg")
+
+
+def test_feature_cache_skips_and_reports_bad_images(image_folder, tmp_path):
+    names = ["good_a.jpg", "truncated.jpg", "good_b.jpg", "missing.jpg"]
+    out = tmp_path / "cache"
+    summary = extract_features(image_folder, names, out / "f.npy", out / "f.json", batch_size=2, num_workers=0)
+    assert summary["encoded"] == 2 and summary["images"] == 4
+    assert [p["image"] for p in summary["problems"]] == ["truncated.jpg", "missing.jpg"]
+    feats, index = load_features(out / "f.npy", out / "f.json")
+    assert index["names"] == ["good_a.jpg", "good_b.jpg"]
+    assert feats.shape == (2, 49, 1280) and feats.dtype == np.float16
+    # Row i is names[i]: the same as encoding the good images alone.
+    alone = extract_features(image_folder, ["good_b.jpg"], out / "g.npy", out / "g.json", num_workers=0)
+    assert alone["problems"] == []
+    np.testing.assert_array_equal(np.load(out / "g.npy")[0], feats[1])
+    with pytest.raises(DataError, match="none of the 1 images"):
+        extract_features(image_folder, ["empty.jpg"], out / "h.npy", out / "h.json", num_workers=0)
+
+
+def test_feature_cache_from_a_dataloader_worker_is_identical(features, flickr, subset):
+    features_path, index_path, summary = features
+    names = sorted(subset.image.unique())[:4]
+    out = features_path.parent / "worker"
+    extract_features(flickr / "images", names, out / "f.npy", out / "f.json", batch_size=3, num_workers=1)
+    cached, index = load_features(features_path, index_path)
+    row = {n: i for i, n in enumerate(index["names"])}
+    again = np.load(out / "f.npy")
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(again[i], cached[row[name]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading captions
+# ---------------------------------------------------------------------------------------------
+def test_read_flickr8k_reports_the_quirky_caption_id(real_table):
+    table, problems = real_table
+    quirky = [p for p in problems if p[0] == QUIRKY_ID]
+    assert len(quirky) == 5, "the 5 captions of the id naming no image are reported, one per row"
+    assert [reason.split(":")[0] for _, reason in quirky] == [f"Flickr8k.token.txt line {n}" for n in range(6731, 6736)]
+    assert all("names no image" in reason for _, reason in quirky)
+    assert len(problems) == 5
+    assert len(table) == 40460 - 5 and QUIRKY_ID not in set(table.image)
+    counts = table.drop_duplicates("image").split.value_counts().to_dict()
+    assert counts == {"train": 6000, "dev": 1000, "test": 1000, "none": 91}
+
+
+def test_read_flickr8k_reports_a_missing_image(tmp_path, flickr):
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    shutil.copy(flickr / "images" / "1000268201_693b08cb0e.jpg", raw / "images")
+    (raw / "Flickr8k.token.txt").write_text(
+        "1000268201_693b08cb0e.jpg#0\tA child in a pink dress .\n"
+        "1001773457_577c3a7d70.jpg#0\tA black dog and a spotted dog are fighting\n", encoding="utf-8")
+    for fname, image in [("Flickr_8k.trainImages.txt", "1000268201_693b08cb0e.jpg"),
+                         ("Flickr_8k.devImages.txt", "1001773457_577c3a7d70.jpg"),
+                         ("Flickr_8k.testImages.txt", "1001773457_577c3a7d70.jpg")]:
+        (raw / fname).write_text(image + "\n", encoding="utf-8")
+    table, problems = read_flickr8k(raw)
+    assert list(table.image) == ["1000268201_693b08cb0e.jpg"]
+    assert problems == [("1001773457_577c3a7d70.jpg",
+                         f"Flickr8k.token.txt line 2: image 1001773457_577c3a7d70.jpg not found in {raw / 'images'}")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders
+# ---------------------------------------------------------------------------------------------
+def _model(name: str, vocab_size: int = 30, feature_size: int = 16, seed: int = 0, dropout: float = 0.0):
+    torch.manual_seed(seed)
+    return build_captioner(name, vocab_size=vocab_size, feature_size=feature_size, embedding_size=12,
+                           hidden_size=20, attention_size=10, dropout=dropout).eval()
+
+
+def _batch(lengths, vocab_size=30, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, 0] = Vocab.bos_id
+        tokens[i, 1:n] = torch.randint(4, vocab_size, (n - 1,), generator=g)
+    return tokens
+
+
+@pytest.mark.parametrize("name", ["show_tell", "soft_attention"])
+def test_decoder_shapes_and_attention_mass(name):
+    model = _model(name)
+    features = torch.rand(2, 49, 16)
+    tokens = _batch([5, 3, 6, 2])
+    image_index = torch.tensor([0, 1, 1, 0])
+    out = model(features, tokens, image_index)
+    mask = tokens != Vocab.pad_id
+    assert out.logits.shape == (int(mask.sum()), 30)
+    assert out.regularizer.shape == ()
+    if name == "soft_attention":
+        assert out.attention.shape == (4, 6, 49)
+        sums = out.attention.sum(-1)
+        torch.testing.assert_close(sums[mask], torch.ones(int(mask.sum())))
+        assert torch.all(sums[~mask] == 0)
+        expected = ((1 - out.attention.sum(1)) ** 2).mean()
+        torch.testing.assert_close(out.regularizer, expected)
+        assert out.regularizer.item() > 0
+    else:
+        assert out.attention is None and out.regularizer.item() == 0
+
+
+@pytest.mark.parametrize("name", ["show_tell", "soft_attention"])
+def test_padded_batch_gives_each_caption_its_own_result(name):
+    model = _model(name)
+    features = torch.rand(3, 49, 16)
+    tokens = _batch([6, 2, 4])
+    batched = model(features, tokens)
+    offset = 0
+    for i in range(3):
+        n = int((tokens[i] != 0).sum())
+        alone = model(features[i: i + 1], tokens[i: i + 1, :n])
+        torch.testing.assert_close(batched.logits[offset: offset + n], alone.logits, atol=1e-5, rtol=1e-5)
+        offset += n
+
+
+def _argmax_loop(model, features, max_len):
+    """Greedy decoding by re-running the teacher-forced forward on the growing prefix."""
+    captions = []
+    for i in range(features.size(0)):
+        prefix = [Vocab.bos_id]
+        for _ in range(max_len):
+            out = model(features[i: i + 1], torch.tensor([prefix]))
+            token = int(out.logits[-1].argmax())
+            if token == Vocab.eos_id:
+                break
+            prefix.append(token)
+        captions.append(prefix[1:])
+    return captions
+
+
+@pytest.mark.parametrize("name", ["show_tell", "soft_attention"])
+def test_adapter_greedy_equals_argmax_loop_and_beam_1(name):
+    model = _model(name, vocab_size=8, seed=3)
+    with torch.no_grad():
+        model.output.bias[Vocab.eos_id] += 1.5  # let some captions end before max_len
+        features = torch.rand(5, 49, 16) * 3
+        expected = _argmax_loop(model, features, max_len=7)
+        stepper, state = incremental_decoder(model, features)
+        greedy = greedy_decode(stepper, state, batch_size=5, bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=7,
+                               return_attention=True)
+        stepper, state = incremental_decoder(model, features)
+        beam1 = beam_search(stepper, state, batch_size=5, bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, beam_size=1,
+                            max_len=7)
+    assert greedy.tokens == expected
+    assert beam1.tokens == expected
+    assert any(len(t) < 7 for t in expected) and any(greedy.finished)
+    if name == "soft_attention":
+        for tokens, finished, alpha in zip(greedy.tokens, greedy.finished, greedy.attention):
+            assert alpha.shape == (len(tokens) + finished, 49)
+            torch.testing.assert_close(alpha.sum(-1), torch.ones(alpha.size(0)))
+    else:
+        assert greedy.attention is None
+
+
+@pytest.mark.parametrize("cls", [ShowAndTell, ShowAttendTell])
+def test_overfit_one_batch_reproduces_the_captions(cls, features, subset):
+    """Four real images with one real caption each: the decoder must learn to say them exactly."""
+    features_path, index_path, _ = features
+    array, index = load_features(features_path, index_path)
+    rows = {n: i for i, n in enumerate(index["names"])}
+    first = subset[(subset.split == "train") & (subset.caption_index == 0)].sort_values("image")
+    from rnnlab.data.tokenize import WordTokenizer
+
+    tok = WordTokenizer()
+    words = [tok.tokenize(c)[:10] for c in first.caption]
+    vocab = Vocab.build(words)
+    seqs = [[Vocab.bos_id, *vocab.encode(w), Vocab.eos_id] for w in words]
+    width = max(map(len, seqs)) - 1
+    inputs = torch.tensor([s[:-1] + [0] * (width - len(s) + 1) for s in seqs])
+    targets = torch.tensor([s[1:] + [0] * (width - len(s) + 1) for s in seqs])
+    feats = torch.from_numpy(np.asarray(array[[rows[n] for n in first.image]], dtype=np.float32))
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=len(vocab), feature_size=1280, embedding_size=32, hidden_size=64, dropout=0.0)
+    model = cls(**kwargs, attention_size=32) if cls is ShowAttendTell else cls(**kwargs)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mask = inputs != 0
+    first_loss = None
+    for _ in range(90):
+        out = model(feats, inputs)
+        loss = torch.nn.functional.cross_entropy(out.logits, targets[mask])
+        first_loss = first_loss or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 < math.log(len(vocab)) - 1 < first_loss
+    model.eval()
+    stepper, state = incremental_decoder(model, feats)
+    result = greedy_decode(stepper, state, batch_size=4, bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=12)
+    assert [vocab.decode(t) for t in result.tokens] == words
+
+
+# ---------------------------------------------------------------------------------------------
+# Data module
+# ---------------------------------------------------------------------------------------------
+def test_datamodule_vocab_from_train_only_and_batches(features, subset):
+    features_path, index_path, _ = features
+    dm = CaptionDataModule(subset, features_path, index_path, batch_size=3, min_freq=1, max_len=8)
+    dm.setup()
+    train_words = {w for c in subset[subset.split == "train"].caption for w in dm.tokenizer.tokenize(c)}
+    test_words = {w for c in subset[subset.split == "test"].caption for w in dm.tokenizer.tokenize(c)}
+    assert set(dm.vocab.itos[4:]) == train_words
+    assert test_words - train_words, "the fixture has test-only words"
+    assert not (test_words - train_words) & set(dm.vocab.itos)
+    summary = dm.summary()
+    assert summary["train_images"] == 4 and summary["train_captions"] == 20 and summary["test_images"] == 2
+    assert summary["truncated_captions"] > 0  # max_len 8 cuts the long ones
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.features.shape == (3, 49, 1280) and batch.features.dtype == torch.float32
+    assert len(batch) == 15 and batch.image_index.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    mask = batch.inputs != 0
+    assert torch.all(batch.inputs[:, 0] == Vocab.bos_id)
+    assert torch.equal(mask, batch.targets != 0)
+    assert torch.equal(batch.inputs[:, 1:][mask[:, 1:]], batch.targets[:, :-1][mask[:, 1:]])
+    last = mask.sum(1) - 1
+    assert torch.all(batch.targets[torch.arange(15), last] == Vocab.eos_id)
+    assert mask.sum(1).max().item() <= 8 + 1
+    # References stay complete: never truncated, never <unk>.
+    refs = dm.splits["test"].references[0]
+    assert len(refs) == 5 and max(map(len, refs)) >= 8 and "<unk>" not in {w for r in refs for w in r}
+
+
+# ---------------------------------------------------------------------------------------------
+# BLEU
+# ---------------------------------------------------------------------------------------------
+def test_corpus_bleu_equals_nltk_with_five_references(real_table):
+    from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
+
+    table, _ = real_table
+    test = table[table.split == "test"].sort_values(["image", "caption_index"])
+    groups = [[c.lower().split() for c in g.caption] for _, g in test.groupby("image")][:60]
+    # Hypotheses: a shortened own reference (brevity penalty), an own reference with one word
+    # changed (partial n-gram matches), or another image's caption (little overlap).
+    hyps = []
+    for i, refs in enumerate(groups):
+        if i % 3 == 0:
+            hyps.append(refs[0][:-3] if len(refs[0]) >= 7 else refs[0])
+        elif i % 3 == 1:
+            hyps.append(refs[1][:3] + ["zebra"] + refs[1][4:])
+        else:
+            hyps.append(groups[(i + 1) % len(groups)][1])
+    ours = corpus_bleu(hyps, groups)
+    for n in range(1, 5):
+        expected = 100 * nltk_corpus_bleu(groups, hyps, weights=tuple([1.0 / n] * n))
+        assert ours[f"bleu{n}"] == pytest.approx(expected, abs=1e-3)
+    assert 0 < ours["bleu4"] < ours["bleu1"] < 100
+    # The one known difference: nltk counts a hypothesis too short to hold any n-gram as one
+    # n-gram (denominator max(1, .)); multi-bleu.perl and sacrebleu, and so we, count zero.
+    short = corpus_bleu(hyps[:-1] + [["a", "dog"]], groups)
+    assert short["bleu4"] > 100 * nltk_corpus_bleu(groups, hyps[:-1] + [["a", "dog"]])
+    perfect = corpus_bleu([refs[2] for refs in groups], groups)
+    assert perfect == {"bleu1": 100.0, "bleu2": 100.0, "bleu3": 100.0, "bleu4": 100.0}
+    std = sacrebleu_standard([" ".join(refs[2]) for refs in groups], [[" ".join(r) for r in refs] for refs in groups])
+    assert std["score"] == pytest.approx(100.0) and "nrefs:5" in std["signature"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training stage function (tiny run) and the checkpoint
+# ---------------------------------------------------------------------------------------------
+def test_config_rejects_unknown_and_bad_keys():
+    with pytest.raises(ConfigError, match=r"train_captioner\.hiden_size: unknown key"):
+        parse_caption_config({"hiden_size": 10})
+    with pytest.raises(ConfigError, match=r"train_captioner\.decoder"):
+        parse_caption_config({"decoder": "hard_attention"})
+    with pytest.raises(ConfigError, match=r"train_captioner\.dropout"):
+        parse_caption_config({"dropout": 1.5})
+    assert parse_caption_config({"beam_sizes": [1, 3]}).beam_sizes == [1, 3]
+
+
+def test_train_captioner_tiny_run_and_checkpoint_roundtrip(features, subset, flickr, tmp_path):
+    features_path, index_path, _ = features
+    config = {"decoder": "soft_attention", "embedding_size": 16, "hidden_size": 32, "attention_size": 16,
+              "batch_size": 2, "max_epochs": 2, "min_freq": 1, "max_len": 12, "beam_sizes": [1, 2],
+              "grid_images": 2, "lr": 3e-3}
+    metrics = train_captioner(config, subset, features_path, tmp_path / "run", seed=7, image_dir=flickr / "images")
+    assert metrics["epochs"] == 2 and metrics["steps"] == 4
+    assert set(metrics["test"]) == {"greedy", "beam2"}
+    for scores in metrics["test"].values():
+        assert set(scores) >= {"bleu1", "bleu2", "bleu3", "bleu4", "sacrebleu", "sacrebleu_signature"}
+        assert 0.0 <= scores["bleu4"] <= scores["bleu1"] <= 100.0
+    assert metrics["best_val_loss"] == pytest.approx(min(h["val/loss"] for h in metrics["history"]), abs=1e-4)
+    for key in ("samples_png", "attention_png"):
+        png = Path(metrics["artifacts"][key])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    task = load_captioner(metrics["artifacts"]["model"])
+    assert task.vocab is not None and len(task.vocab) == metrics["data"]["vocab_size"]
+    dm = CaptionDataModule(subset, features_path, index_path, vocab=task.vocab, max_len=12)
+    dm.setup()
+    names, feats = next(dm.image_batches("test"))
+    again = load_captioner(metrics["artifacts"]["model"])
+    assert task.caption(feats).tokens == again.caption(feats).tokens
+    # A new image file goes through the same encoder + float16 rounding as the cache.
+    model_path = metrics["artifacts"]["model"]
+    texts = caption_image_files(model_path, [flickr / "images" / names[0]], beam_size=1)
+    assert texts == [task.tokenizer.detokenize(task.caption(feats[:1]).tokens[0])]
+    (tmp_path / "notes.jpg").write_text("not a picture", encoding="utf-8")
+    with pytest.raises(DataError, match="notes.jpg: not an image"):
+        caption_image_files(model_path, [tmp_path / "notes.jpg"])
+    # Same seed, same data: a second run is bitwise identical on CPU.
+    rerun = train_captioner({**config, "beam_sizes": [1], "grid_images": 0}, subset, features_path,
+                            tmp_path / "rerun", seed=7)
+    assert rerun["best_val_loss"] == metrics["best_val_loss"]
+    assert rerun["test"]["greedy"]["bleu1"] == metrics["test"]["greedy"]["bleu1"]
+
+    with pytest.raises(ConfigError, match="feature cache"):
+        train_captioner({**config, "encoder": "resnet18"}, subset, features_path, tmp_path / "bad", seed=7)

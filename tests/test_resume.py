@@ -1,0 +1,158 @@
+"""Resume after a kill, on the real pipeline: ``dvc repro`` of train_lm (tiny profile, real PTB) is
+killed with SIGKILL at a random step, its newest checkpoint is truncated, the rerun (after DVC
+deleted the stage outputs) is stopped with SIGINT, and the third run finishes. Its metrics and
+weights must equal, exactly, those of a run that was never interrupted, and all three segments
+must be one MLflow run. Plus unit tests of the pieces (checkpoint files, loader position)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline_repo import (RUN_DIR, edit_params, prepared_copy, run, stage_process, start, step_checkpoints, train_cmd,
+                           wait_for)
+from rnnlab.resume import AtomicCheckpointIO, ResumableLoader, ResumeDir
+
+EXACT_KEYS = ["val_loss", "val_ppl", "test_loss", "test_ppl", "epochs", "params"]
+STEPS = 40  # tiny profile: 2 epochs x 20 windows, a checkpoint every 4 steps
+
+
+def _mlflow(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    return client, client.get_experiment_by_name("rnnlab-lm").experiment_id
+
+
+def _state_dict(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    repo = prepared_copy(tmp_path_factory.mktemp("resume") / "repo")
+    edit_params(repo, lambda p: p["train_lm"]["defaults"].update(max_epochs=2))  # resume across an epoch end
+    return repo
+
+
+def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
+    # 1. The reference: the same stage, never interrupted (its resume folder is deleted at the end).
+    run(train_cmd(tmp_path / "ref"), repo)
+    assert not (repo / RUN_DIR).exists()
+    reference = json.loads((tmp_path / "ref" / "train_lm.json").read_text())["ptb"]["lstm"]
+
+    # 2. dvc repro, SIGKILL of the training process once it has passed a random step.
+    kill_after = random.Random(os.getpid()).randrange(8, STEPS - 16)
+    print(f"killing after step {kill_after}")
+    repro = start(["dvc", "repro", "train_lm"], repo)
+    wait_for(lambda: any(s >= kill_after for s in step_checkpoints(repo)), 300, f"a checkpoint at step >= {kill_after}",
+             repro)
+    trainer = wait_for(lambda: stage_process(repro), 10, "the train_lm process", repro)
+    trainer.send_signal(signal.SIGKILL)
+    out, err = repro.communicate(timeout=120)
+    assert repro.returncode != 0, out + err
+    steps = step_checkpoints(repo)
+    assert len(steps) == 2 and steps[-1] >= kill_after  # the newest two are kept
+    state = json.loads((repo / RUN_DIR / "state.json").read_text())
+    client, exp = _mlflow(repo)
+    killed_run = client.get_run(state["mlflow_run_id"])
+    assert killed_run.info.status == "RUNNING"  # SIGKILL: nobody could close it
+
+    # 3. The newest checkpoint is truncated (disk trouble): the rerun must fall back to the previous one.
+    newest = repo / RUN_DIR / f"step-{steps[-1]:09d}.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    (repo / "data/models/lm/ptb-lstm").mkdir(parents=True, exist_ok=True)
+    (repo / "data/models/lm/ptb-lstm/marker").write_text("DVC deletes the outputs before a rerun")
+
+    # 4. The rerun resumes and is stopped with Ctrl-C (SIGINT to the stage, as a terminal would).
+    repro = start(["dvc", "repro", "train_lm"], repo)
+    wait_for(lambda: any(s > steps[-1] for s in step_checkpoints(repo)), 300, "a checkpoint after the resume", repro)
+    assert not (repo / "data/models/lm/ptb-lstm/marker").exists()
+    os.killpg(repro.pid, signal.SIGINT)
+    out, err = repro.communicate(timeout=120)
+    assert repro.returncode != 0
+    assert "training stopped by SIGINT" in err and "run the stage again" in err, err[-3000:]
+    assert f"Restoring states from the checkpoint path at {RUN_DIR}/step-{steps[0]:09d}.ckpt" in out + err
+    assert "skipping a damaged checkpoint" in err
+    interrupted = client.get_run(state["mlflow_run_id"])
+    assert interrupted.info.status == "KILLED"
+    assert "TrainingInterrupted" in interrupted.data.tags["rnnlab.error"]
+
+    # 5. The third run finishes: same metrics and weights as the uninterrupted run, one MLflow run.
+    final = run(["dvc", "repro", "train_lm"], repo)
+    assert "Restoring states from the checkpoint path" in final.stdout + final.stderr
+    resumed = json.loads((repo / "data/metrics/train_lm.json").read_text())["ptb"]["lstm"]
+    assert {k: resumed[k] for k in EXACT_KEYS} == {k: reference[k] for k in EXACT_KEYS}
+    ref_weights = _state_dict(tmp_path / "ref/models/ptb-lstm/model.ckpt")
+    weights = _state_dict(repo / "data/models/lm/ptb-lstm/model.ckpt")
+    assert weights.keys() == ref_weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+    history = json.loads((repo / "data/models/lm/ptb-lstm/history.json").read_text())
+    ref_history = json.loads((tmp_path / "ref/models/ptb-lstm/history.json").read_text())
+    assert [h["val/loss"] for h in history] == [h["val/loss"] for h in ref_history]
+    assert [h["train/loss_epoch"] for h in history] == [h["train/loss_epoch"] for h in ref_history]
+    assert resumed["mlflow_run_id"] == state["mlflow_run_id"]
+    finished = client.get_run(state["mlflow_run_id"])
+    assert finished.info.status == "FINISHED" and finished.data.tags["rnnlab.resumes"] == "2"
+    assert finished.data.metrics["final/val_ppl"] == pytest.approx(resumed["val_ppl"])
+    assert len(client.search_runs([exp])) == 2  # the reference and this one: no orphan runs
+    assert not (repo / RUN_DIR).exists()  # deleted once the outputs were written
+
+
+# -- the pieces -----------------------------------------------------------------------------------
+def _save(io: AtomicCheckpointIO, path: Path, value: int) -> None:
+    io.save_checkpoint({"state_dict": {"w": torch.full((64,), float(value))}, "step": value}, path)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    resume = ResumeDir(tmp_path / "run", {"config": 1})
+    io = AtomicCheckpointIO()
+    for step in (4, 8, 12):
+        _save(io, resume.step_path(step), step)
+    resume.prune()
+    assert [p.name for p in resume.checkpoints()] == ["step-000000008.ckpt", "step-000000012.ckpt"]
+    newest = resume.step_path(12)
+    newest.write_bytes(newest.read_bytes()[:-100])
+    with caplog.at_level(logging.WARNING, logger="rnnlab.resume"):
+        assert resume.latest_checkpoint() == resume.step_path(8)
+    assert "step-000000012.ckpt: not a readable checkpoint" in caplog.text
+
+
+def test_checkpoint_of_another_config_is_discarded_not_resumed(tmp_path, caplog):
+    first = ResumeDir(tmp_path / "run", {"hidden_size": 32})
+    first.record_run_id("abc123")
+    _save(AtomicCheckpointIO(), first.step_path(4), 4)
+    same = ResumeDir(tmp_path / "run", {"hidden_size": 32})
+    assert same.latest_checkpoint() == first.step_path(4) and same.mlflow_run_id == "abc123"
+    with caplog.at_level(logging.WARNING, logger="rnnlab.resume"):
+        changed = ResumeDir(tmp_path / "run", {"hidden_size": 64})
+    assert "discarding the previous checkpoints because its config or data changed" in caplog.text
+    assert changed.latest_checkpoint() is None and changed.mlflow_run_id is None
+    assert not first.step_path(4).exists()
+
+
+def test_loader_resumes_mid_pass_then_starts_the_next_pass_from_the_top():
+    loader = ResumableLoader(list(range(10)))
+    it = iter(loader)
+    assert [next(it) for _ in range(4)] == [0, 1, 2, 3]
+    saved = loader.state_dict()
+    restored = ResumableLoader(list(range(10)))
+    restored.load_state_dict(saved)
+    assert list(restored) == [4, 5, 6, 7, 8, 9]
+    assert list(restored) == list(range(10))
+    shuffled = ResumableLoader(list(range(10)), order_seed=3)
+    first_pass, second_pass = list(shuffled), list(shuffled)
+    assert sorted(first_pass) == list(range(10)) and first_pass != second_pass
+    again = ResumableLoader(list(range(10)), order_seed=3)
+    it = iter(again)
+    [next(it) for _ in range(3)]
+    resumed = ResumableLoader(list(range(10)), order_seed=3)
+    resumed.load_state_dict(again.state_dict())
+    assert list(resumed) == first_pass[3:]

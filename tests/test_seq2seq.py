@@ -1,0 +1,269 @@
+"""Seq2seq model, translation task and training entry point, on small models and real Multi30k."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from rnnlab.checkpoints import load_checkpoint
+from rnnlab.data.parallel import ParallelDataModule, read_multi30k
+from rnnlab.data.tokenize import WordTokenizer
+from rnnlab.data.vocab import Vocab
+from rnnlab.decoding import greedy_decode
+from rnnlab.errors import ConfigError, DataError, RnnlabError
+from rnnlab.models.seq2seq import Seq2Seq
+from rnnlab.seq2seq_train import parse_seq2seq_config, train_translation
+from rnnlab.tasks.seq2seq_task import TranslationTask, load_translation_task
+
+KINDS = ["bahdanau", "luong", "none"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two OpenMP threads on a busy 2-core machine spin-wait on each other: tiny ops get ~40x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def pairs(mirror) -> pd.DataFrame:
+    return read_multi30k(mirror / "multi30k" / "raw")
+
+
+def small_model(attention: str, input_feeding: bool = False, layers: int = 2, seed: int = 0) -> Seq2Seq:
+    torch.manual_seed(seed)
+    return Seq2Seq(40, 50, embedding_size=12, hidden_size=16, num_layers=layers, dropout=0.1,
+                   attention=attention, input_feeding=input_feeding).eval()
+
+
+def padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three sources of lengths 7, 3, 5 (padded to 7) and targets (padded to 6)."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([7, 3, 5])
+    src = torch.randint(4, 40, (3, 7), generator=gen)
+    src[torch.arange(7).unsqueeze(0) >= lengths.unsqueeze(1)] = 0
+    tgt_in = torch.randint(4, 50, (3, 6), generator=gen)
+    tgt_in[:, 0] = Vocab.bos_id
+    return src, lengths, tgt_in
+
+
+@pytest.mark.parametrize("attention", KINDS)
+@pytest.mark.parametrize("input_feeding", [False, True])
+def test_shapes(attention, input_feeding):
+    model = small_model(attention, input_feeding)
+    src, lengths, tgt_in = padded_batch()
+    enc = model.encode(src, lengths)
+    assert enc.outputs.shape == (3, 7, 32)  # 2 directions x 16
+    assert enc.state[0].shape == enc.state[1].shape == (2, 3, 16)
+    assert enc.mask.tolist()[1] == [True] * 3 + [False] * 4
+    assert model(src, lengths, tgt_in).shape == (3, 6, 50)
+    assert model.hparams["attention"] == attention
+
+
+@pytest.mark.parametrize("attention", KINDS)
+@pytest.mark.parametrize("input_feeding", [False, True])
+def test_sentence_alone_equals_sentence_in_padded_batch(attention, input_feeding):
+    model = small_model(attention, input_feeding)
+    src, lengths, tgt_in = padded_batch()
+    with torch.no_grad():
+        enc = model.encode(src, lengths)
+        logits = model(src, lengths, tgt_in)
+        for row in range(3):
+            n = int(lengths[row])
+            alone_src, alone_len = src[row : row + 1, :n], lengths[row : row + 1]
+            alone = model.encode(alone_src, alone_len)
+            assert torch.allclose(alone.outputs[0], enc.outputs[row, :n], atol=1e-6)
+            assert torch.all(enc.outputs[row, n:] == 0)  # padding never reaches the outputs
+            assert torch.allclose(alone.state[0][:, 0], enc.state[0][:, row], atol=1e-6)
+            assert torch.allclose(alone.state[1][:, 0], enc.state[1][:, row], atol=1e-6)
+            alone_logits = model(alone_src, alone_len, tgt_in[row : row + 1])
+            assert torch.allclose(alone_logits[0], logits[row], atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", KINDS)
+def test_parallel_teacher_forcing_equals_step_by_step(attention):
+    model = small_model(attention, input_feeding=False)
+    src, lengths, tgt_in = padded_batch()
+    decoder = model.incremental_decoder()
+    with torch.no_grad():
+        parallel = torch.log_softmax(model(src, lengths, tgt_in), dim=-1)
+        state = decoder.start(src, lengths)
+        for t in range(tgt_in.size(1)):
+            log_probs, state, weights = decoder.step(tgt_in[:, t], state)
+            assert torch.allclose(log_probs, parallel[:, t], atol=1e-5)
+            if attention == "none":
+                assert weights is None
+            else:
+                assert torch.allclose(weights.sum(-1), torch.ones(3), atol=1e-6)
+                assert torch.all(weights[1, 3:] == 0)  # pads get exactly zero weight
+
+
+@pytest.mark.parametrize("attention", ["bahdanau", "none"])
+def test_greedy_through_adapter_equals_argmax_loop(attention):
+    model = small_model(attention, input_feeding=True)
+    src, lengths, _ = padded_batch()
+    decoder = model.incremental_decoder()
+    result = greedy_decode(decoder, decoder.start(src, lengths), 3, Vocab.bos_id, Vocab.eos_id, max_len=9)
+    with torch.no_grad():
+        for row in range(3):
+            n = int(lengths[row])
+            state = model.decoder.initial_state(model.encode(src[row : row + 1, :n], lengths[row : row + 1]))
+            token, expected = torch.tensor([Vocab.bos_id]), []
+            for _ in range(9):
+                logits, state, _ = model.decoder.step(token, state)
+                token = logits.argmax(dim=-1)
+                if int(token) == Vocab.eos_id:
+                    break
+                expected.append(int(token))
+            assert result.tokens[row] == expected
+
+
+def test_teacher_forcing_ratio_feeds_own_predictions():
+    model = small_model("luong", layers=1).train()
+    src, lengths, tgt_in = padded_batch()
+    model.decoder.dropout.p = model.encoder.dropout.p = 0.0
+    full = model(src, lengths, tgt_in, teacher_forcing=1.0)
+    torch.manual_seed(0)
+    half = model(src, lengths, tgt_in, teacher_forcing=0.5)
+    assert torch.allclose(full[:, 0], half[:, 0], atol=1e-6)  # first step always sees <bos>
+    assert not torch.allclose(full, half, atol=1e-4)
+
+
+def test_empty_source_is_a_clear_error():
+    model = small_model("bahdanau")
+    src, lengths, _ = padded_batch()
+    lengths = lengths.clone()
+    lengths[2] = 0
+    with pytest.raises(DataError, match="batch row 2 is empty"):
+        model.encode(src, lengths)
+
+
+# -- task: overfitting real pairs, translate, checkpoints ------------------------------------
+def tiny_task(pairs: pd.DataFrame, n_pairs: int = 8, **overrides) -> tuple[TranslationTask, pd.DataFrame]:
+    train = pairs[pairs["split"] == "train"].head(n_pairs)
+    words = WordTokenizer(lowercase=True), WordTokenizer(lowercase=False)
+    src_vocab = Vocab.build(words[0].tokenize(s) for s in train["src"])
+    tgt_vocab = Vocab.build(words[1].tokenize(s) for s in train["tgt"])
+    hparams = dict(embedding_size=32, hidden_size=64, num_layers=1, dropout=0.0, attention="bahdanau",
+                   lr=0.01, label_smoothing=0.0, decode_max_len=30) | overrides
+    torch.manual_seed(0)
+    task = TranslationTask(len(src_vocab), len(tgt_vocab), src_vocab=src_vocab, tgt_vocab=tgt_vocab,
+                           src_tokenizer=words[0], tgt_tokenizer=words[1], **hparams)
+    return task, train
+
+
+@pytest.fixture(scope="module")
+def overfit(pairs):
+    """A model trained to memorise 8 real Multi30k pairs (about 150 Adam steps on one batch)."""
+    task, train = tiny_task(pairs)
+    dm = ParallelDataModule(train, batch_size=8, max_len=40, vocabs=(task.src_vocab, task.tgt_vocab),
+                            tokenizers=(task.src_tokenizer, task.tgt_tokenizer))
+    dm.setup()
+    batch = next(iter(dm.loader("train", shuffle=False)))
+    optimizer = torch.optim.Adam(task.parameters(), lr=0.01)
+    task.train()
+    losses = []
+    for _ in range(150):
+        logits = task(batch.src, batch.src_lengths, batch.tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    task.eval()
+    return task, train, losses
+
+
+def test_overfits_a_batch_of_real_pairs_and_translates_it_back(overfit):
+    task, train, losses = overfit
+    assert losses[0] > 3.0 and losses[-1] < 0.02
+    sources, targets = train["src"].tolist(), train["tgt"].tolist()
+    expected = [task.tgt_tokenizer.detokenize(task.tgt_tokenizer.tokenize(t)) for t in targets]
+    assert task.translate(sources, beam_size=1) == expected
+    assert task.translate(sources, beam_size=4) == expected
+
+
+def test_translate_rejects_empty_lines_and_counts_truncation(overfit):
+    task, train, _ = overfit
+    with pytest.raises(DataError, match="sentence 2 is empty"):
+        task.translate([train["src"].iloc[0], "   "])
+    long_sentence = " ".join(["dog"] * 50)
+    out = task.translate([long_sentence, train["src"].iloc[0]], beam_size=2, max_len=12)  # 50 and 11 tokens
+    assert len(out) == 2 and task.last_truncated == 1
+    # unknown words map to <unk> instead of failing
+    assert len(task.encode_sources(["zyzzyva qwxv"])[0]) == 2
+    assert task.encode_sources(["zyzzyva qwxv"])[0].tolist() == [Vocab.unk_id, Vocab.unk_id]
+
+
+def save_task(task: TranslationTask, path: Path) -> Path:
+    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                  "pytorch-lightning_version": pl.__version__}
+    task.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_checkpoint_round_trip_needs_no_data(overfit, tmp_path):
+    task, train, _ = overfit
+    path = save_task(task, tmp_path / "model.ckpt")
+    loaded = load_translation_task(path, expected_src_vocab=task.src_vocab, expected_tgt_vocab=task.tgt_vocab)
+    sources = train["src"].tolist()[:3]
+    assert loaded.translate(sources, beam_size=3) == task.translate(sources, beam_size=3)
+    assert isinstance(load_checkpoint(path)["translation"]["tgt_vocab"]["itos"], list)  # safe to load (weights_only)
+
+
+def test_checkpoint_vocab_mismatch_names_both_sizes(overfit, tmp_path):
+    task, _, _ = overfit
+    n = len(task.tgt_vocab)
+    path = save_task(task, tmp_path / "model.ckpt")
+    # A different saved vocabulary next to the model.
+    other = Vocab(task.tgt_vocab.itos[:-1])
+    with pytest.raises(RnnlabError, match=rf"\({n} tokens.*\({n - 1} tokens"):
+        load_translation_task(path, expected_tgt_vocab=other)
+    # A checkpoint whose stored vocabulary does not fit the model's output layer.
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["translation"]["tgt_vocab"] = other.to_dict()
+    torch.save(checkpoint, path)
+    with pytest.raises(DataError, match=rf"target vocabulary has {n - 1} tokens but the model was built for {n}"):
+        load_translation_task(path)
+
+
+# -- config and the training entry point ------------------------------------------------------
+def test_unknown_config_key_is_named():
+    with pytest.raises(ConfigError, match=r"train_seq2seq\.hiden_size: unknown key"):
+        parse_seq2seq_config({"hiden_size": 128})
+    with pytest.raises(ConfigError, match=r"train_seq2seq\.attention"):
+        parse_seq2seq_config({"attention": "dot"})
+    with pytest.raises(ConfigError, match=r"train_seq2seq\.monitor"):
+        parse_seq2seq_config({"val_bleu": False, "monitor": "val/bleu"})
+    assert parse_seq2seq_config({}).attention == "bahdanau"
+
+
+def test_train_translation_end_to_end(pairs, tmp_path):
+    small = pairs.groupby("split").head(120)
+    config = dict(embedding_size=16, hidden_size=16, max_epochs=2, limit_train_batches=3, batch_size=32,
+                  beam_sizes=[1, 2], heatmaps=2, max_len=20, tokenizer="bpe", bpe_vocab_size=300, min_freq=1)
+    metrics = train_translation(config, small, tmp_path, seed=3)
+    assert (tmp_path / "model.ckpt").is_file() and not (tmp_path / "checkpoints").exists()
+    assert metrics["test/beam1_equals_greedy"] == 1.0
+    assert metrics["epochs"] == 2 and metrics["steps"] == 6
+    assert metrics["test/ppl"] > 1.0 and metrics["val/ppl"] > 1.0
+    assert metrics["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert "case:lc" in metrics["tok_bleu_signature"]
+    assert metrics["truncated/train_src"] > 0  # some of the 120 sentences exceed 20 BPE pieces
+    assert sorted(p.name for p in (tmp_path / "attention").glob("*.png")) == ["val_00.png", "val_01.png"]
+    rows = json.loads((tmp_path / "bleu_vs_beam.json").read_text())
+    assert [r["beam"] for r in rows] == [0, 1, 2]
+    hyps = (tmp_path / "test_hyps_greedy.txt").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == 120
+    task = load_translation_task(tmp_path / "model.ckpt")
+    assert task.src_tokenizer.name == "bpe"
+    assert task.translate(small[small["split"] == "test"]["src"].tolist(), beam_size=1) == hyps
