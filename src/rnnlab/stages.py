@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rnnlab.config import parse_section, section
-from rnnlab.data.download import fetch_corpus, resolve_mirror
-from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
 from rnnlab.errors import ConfigError
 from rnnlab.io import read_json, write_json
 
@@ -54,6 +52,8 @@ def get_seed(params: dict) -> int:
 
 
 def download_stage(params: dict, raw_dir: Path, metrics_path: Path) -> dict:
+    from rnnlab.data.download import fetch_corpus, resolve_mirror
+
     cfg = parse_section(DownloadConfig, section(params, "download"), "download")
     mirror = resolve_mirror(cfg.mirror)
     report = {}
@@ -67,6 +67,9 @@ def download_stage(params: dict, raw_dir: Path, metrics_path: Path) -> dict:
 
 
 def prepare_stage(params: dict, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
+    # Imported here: pandera/pandas are data-stage needs; training stages must import without them.
+    from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
+
     cfg = parse_prepare_config(section(params, "prepare"))
     metrics = prepare_corpora(cfg, raw_dir, out_dir)
     write_json(metrics_path, metrics)
