@@ -37,7 +37,7 @@ from rnnlab.data.registry import get_corpus
 from rnnlab.errors import ConfigError
 from rnnlab.io import copy_file, read_json, write_json
 from rnnlab.models.lm import LANGUAGE_MODELS
-from rnnlab.resume import ResumableLoader, ResumeCallback, ResumeDir, fit_resumable
+from rnnlab.resume import ResumableLoader, ResumeCallback, ResumeDir, fit_resumable, load_checkpoint_file
 from rnnlab.tasks.lm_task import LanguageModelTask
 from rnnlab.training import HistoryCallback, TrainerConfig, global_rank, make_trainer, safe_exp, seed_everything
 
@@ -185,7 +185,12 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
         vocab=dm.vocab,
     )
     ckpt_dir = resume.best_dir if resume is not None else out_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1)
+    # save_on_train_epoch_end=False: the best checkpoint is taken when validation ends, before the
+    # epoch-end hooks, so the epoch-end resume checkpoint already holds this epoch's best score
+    # (Lightning runs checkpoint callbacks last; a run resumed from an epoch end would otherwise
+    # forget the previous best and keep a worse later epoch).
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                                 save_on_train_epoch_end=False)
     history = HistoryCallback(tracker, tokens_per_batch=lambda batch: batch[0].numel())
     callbacks = [checkpoint, history]
     resume_callback = None
@@ -205,7 +210,7 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
             fit_resumable(trainer, task, dm, resume, resume_callback)
             wall = resume_callback.elapsed_s
             best = Path(checkpoint.best_model_path)
-            test_result = trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)[0]
+            test_result = _test_best(trainer, task, dm, best)
             resume_callback.raise_if_stopped()
         if tracker is not None:
             tracker.set_tags({"rnnlab.resumes": resume.state.get("resumes", 0)})
@@ -213,7 +218,7 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
         trainer.fit(task, datamodule=dm)
         wall = time.perf_counter() - started
         best = Path(checkpoint.best_model_path)
-        test_result = trainer.test(task, datamodule=dm, ckpt_path=str(best), verbose=False, weights_only=True)[0]
+        test_result = _test_best(trainer, task, dm, best)
     best_val = min(h["val/loss"] for h in history.history)
     row = {
         "val_loss": round(best_val, 5),
@@ -244,6 +249,14 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
         tracker.log_artifact(out_dir / "history.json")
     log.info("%s: %s", run.name, row)
     return row
+
+
+def _test_best(trainer, task: LanguageModelTask, dm, best: Path) -> dict:
+    """Test the best weights. Loaded by hand, not ``trainer.test(ckpt_path=...)``: that would also
+    restore the callbacks' states from the best epoch and cut the history (and throughput) back
+    to that epoch."""
+    task.load_state_dict(load_checkpoint_file(best)["state_dict"])
+    return trainer.test(task, datamodule=dm, verbose=False)[0]
 
 
 def train_lm_runs(cfg: TrainLMConfig, seed: int, tracking: bool, prepared_dir: Path, models_dir: Path,
