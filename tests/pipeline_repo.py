@@ -142,7 +142,11 @@ def step_checkpoints(repo: Path) -> list[int]:
 
 
 def stage_process(parent: subprocess.Popen, script: str = "pipeline/train_lm.py"):
-    """The python process running ``script`` under ``parent`` (e.g. ``dvc repro``), via psutil."""
+    """The python process running ``script`` under ``parent`` (e.g. ``dvc repro``), via psutil.
+
+    The script must be an argument of its own: DVC runs the stage through ``$SHELL -c "<cmd>"`` (or
+    ``/bin/sh -c`` when SHELL is unset, as in CI), and a shell that does not exec its last command stays
+    alive as the parent with the whole command line in one argument; killing it would orphan the trainer."""
     import psutil
 
     try:
@@ -151,7 +155,7 @@ def stage_process(parent: subprocess.Popen, script: str = "pipeline/train_lm.py"
         return None
     for proc in procs:
         try:
-            if any(script in part for part in proc.cmdline()):
+            if script in proc.cmdline():
                 return proc
         except psutil.NoSuchProcess:
             continue
