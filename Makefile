@@ -24,9 +24,10 @@ pipeline: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-## Browse MLflow runs on http://127.0.0.1:5000
+## Browse MLflow runs on http://127.0.0.1:$(UI_PORT) (the repo's store, or $$MLFLOW_TRACKING_URI)
+UI_PORT ?= 5000
 ui: venv
-	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(UI_PORT)
 
 metrics: venv
 	dvc metrics show

@@ -122,6 +122,24 @@ def main() -> None:
     for name, seconds in layer_best.items():
         ratio = layer_best["layer nn.LSTM"] / seconds
         print(f"  {name:<22}{seconds * 1e3:>8.1f} ms   speed vs nn.LSTM {ratio:.2f}")
+    # Achieved GFLOP/s of nn.LSTM (forward + backward = 3 x 2 x 4h(x+h) per token and layer) against
+    # the measured fp32 matmul rate of this machine (goal >= 0.6 at a realistic batch).
+    h = args.hidden_size
+    lstm_flops = 24 * h * (h + h) * args.bptt * args.batch_size
+    achieved = lstm_flops / layer_best["layer nn.LSTM"] / 1e9
+    peak = matmul_gflops()
+    print(f"nn.LSTM layer: {achieved:.2f} GFLOP/s; fp32 matmul 1024^3: {peak:.2f} GFLOP/s; share {achieved / peak:.2f}")
+
+
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 * reps / best / 1e9
 
 
 if __name__ == "__main__":

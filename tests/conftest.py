@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("RNNLAB_MIRROR", REPO.parent / "shared" / "corpora")).resolve()
@@ -33,3 +34,12 @@ def prepared_ptb(tmp_path_factory, mirror) -> Path:
     cfg = parse_prepare_config({"corpora": ["ptb"], "vocab": {}})
     prepare_corpora(cfg, mirror, out)
     return out / "ptb"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops: one torch thread is faster and, on a shared 2-core machine, far more predictable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

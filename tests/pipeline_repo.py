@@ -84,7 +84,50 @@ def tiny_params(params: dict) -> dict:
     params["train_lm"]["defaults"].update(embedding_size=32, hidden_size=32, num_layers=1, train_fraction=0.05,
                                           limit_train_batches=20, max_epochs=1)
     params["train_lm"]["runs"] = [{"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"}]
+    if "study" in params:  # issue 3's study stage, ~5 s (README "Long-term dependencies")
+        params["study"].update(
+            gradient_flow={"embedding_size": 16, "hidden_size": 16, "window": 12, "report_lag": 10, "batch_size": 4,
+                           "num_windows": 1, "train_steps": 10, "train_batch_size": 8, "bptt": 10},
+            long_lag={"lags": [2, 5], "steps": 30, "hidden_size": 8},
+            clipping={"steps": 10, "hidden_size": 16, "batch_size": 8, "bptt": 10})
     return params
+
+
+def pipeline_tiny_params(params: dict) -> dict:
+    """Every stage, small: PTB (n-gram + LSTM), the study, Multi30k (BPE+attention vs word+none, 300
+    pairs), Flickr8k (8 images per split through the untrained-weight CNN, both decoders)."""
+    tiny_params(params)
+    corpora = ["ptb", "multi30k", "flickr8k"]
+    params["download"]["corpora"] = corpora
+    params["prepare"]["corpora"] = corpora
+    params["prepare"]["vocab"]["flickr8k"] = {"min_freq": 1, "max_size": None}  # 8 images' captions
+    params["train_lm"]["defaults"].update(embedding_size=16, hidden_size=16, batch_size=16, bptt=20,
+                                          train_fraction=0.02, limit_train_batches=10, samples=1)
+    params["train_lm"]["runs"] = [{"name": "ptb-ngram", "corpus": "ptb", "model": "ngram", "order": 3},
+                                  {"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"}]
+    params["train_seq2seq"]["defaults"].update(
+        tokenizer="bpe", bpe_vocab_size=400, embedding_size=32, hidden_size=32, max_len=20, batch_size=32,
+        max_epochs=2, limit_train_batches=8, lr=0.01, beam_sizes=[1, 2], heatmaps=2, num_threads=1,
+        max_train_pairs=300, max_val_pairs=60)
+    params["train_seq2seq"]["runs"] = [
+        {"name": "multi30k-attention", "attention": "bahdanau"},
+        {"name": "multi30k-none", "attention": "none", "tokenizer": "word", "min_freq": 2}]
+    params["features"].update(encoder="efficientnet_lite0", weights=None, batch_size=8, num_workers=0,
+                              on_bad_image="drop", limit_images=8)
+    params["train_captioner"]["defaults"].update(
+        embedding_size=16, hidden_size=32, attention_size=16, batch_size=4, max_epochs=2, min_freq=1, max_len=12,
+        lr=3e-3, beam_sizes=[1, 3], grid_images=2, eval_batch_size=8, num_threads=1)
+    params["train_captioner"]["runs"] = [{"name": "flickr8k-show_tell", "decoder": "show_tell"},
+                                         {"name": "flickr8k-soft_attention", "decoder": "soft_attention"}]
+    params["evaluate"].update(seq2seq_beam_sizes=[1, 2], caption_beam_sizes=[1, 2], sample_tokens=10)
+    return params
+
+
+def git_repo(repo: Path) -> Path:
+    run(["git", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "test copy"], repo)
+    return repo
 
 
 def edit_params(repo: Path, edit) -> None:

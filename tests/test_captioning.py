@@ -32,13 +32,7 @@ QUIRKY_ID = "2258277193_586949ec62.jpg.1"
 SPLIT_SIZES = {"train": 4, "dev": 2, "test": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small ops: one thread is faster and, on a shared 2-core machine, far more predictable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

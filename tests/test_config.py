@@ -44,10 +44,18 @@ def test_repository_params_file_is_valid():
     from pathlib import Path
 
     from rnnlab.data.prepare import parse_prepare_config
-    from rnnlab.stages import EvaluateConfig
+    from rnnlab.evaluate_stage import EvaluateConfig
 
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     parse_section(DownloadConfig, params["download"], "download")
     parse_prepare_config(params["prepare"])
     assert parse_train_lm_config(params["train_lm"]).run_configs()
     parse_section(EvaluateConfig, params["evaluate"], "evaluate")
+    from rnnlab.caption_stage import parse_caption_runs, parse_features_config
+    from rnnlab.seq2seq_stage import parse_train_seq2seq_config
+    from rnnlab.study.stage import parse_study_config
+
+    parse_study_config(params["study"])
+    assert len(parse_train_seq2seq_config(params["train_seq2seq"]).runs) == 2
+    parse_features_config(params)
+    assert len(parse_caption_runs(params)[1]) == 2

@@ -7,52 +7,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
+from local_server import local_service
 from pipeline_repo import VENV_BIN, prepared_copy, run, start, step_checkpoints, train_cmd, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1",
            "--backend-store-uri", f"sqlite:///{base / 'store.db'}", "--artifacts-destination", str(base / "artifacts")]
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=base)
-    uri = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 240, "the MLflow server to answer", proc, poll=0.5)
+    with local_service(cmd, base / "server.log", "/health", cwd=base) as (uri, proc):
         yield {"uri": uri, "base": base, "proc": proc}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

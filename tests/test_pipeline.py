@@ -1,118 +1,112 @@
-"""The real pipeline, end to end: ``dvc repro`` in a temporary copy of this repository on the
-real PTB corpus (through the mirror) with a tiny profile, then a second ``dvc repro`` that must
-run nothing. Checks the DVC metrics and the MLflow run (params, metrics, tags, artifacts)."""
+"""The real pipeline, end to end: ``dvc repro`` of every stage in a temporary copy of this repository
+on the real corpora (PTB, Multi30k, Flickr8k through the mirror) with a tiny profile
+(``pipeline_repo.pipeline_tiny_params``). Then: ``dvc metrics show``, the MLflow runs, a second
+``dvc repro`` that runs nothing, and a DVC remote: push, clone, pull, ``dvc repro`` runs nothing."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = str(Path(sys.executable).parent)
+from pipeline_repo import copy_repo, edit_params, git_repo, pipeline_tiny_params, run
 
-
-def tiny_profile(params: dict, mirror: Path) -> dict:
-    params["download"].update(corpora=["ptb"], mirror=str(mirror))
-    params["prepare"]["corpora"] = ["ptb"]
-    params["train_lm"]["defaults"].update(
-        embedding_size=32, hidden_size=32, num_layers=1, train_fraction=0.05, limit_train_batches=40
-    )
-    params["train_lm"]["runs"] = [{"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"}]
-    return params
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RNNLAB_MIRROR")}
-    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.invalid")
-    return env
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def copy_repo(dst: Path) -> Path:
-    """Copy the tracked + untracked-not-ignored files (what a fresh clone would have)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
-    return dst
+STAGES = ("download", "prepare", "train_lm", "study", "train_seq2seq", "features", "train_captioner", "evaluate")
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory, mirror):
+def repro(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    params = tiny_profile(yaml.safe_load((repo / "params.yaml").read_text()), mirror)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "test copy"], repo)
-    first = run(["dvc", "repro"], repo)
+    edit_params(repo, pipeline_tiny_params)
+    git_repo(repo)
+    first = run(["dvc", "repro"], repo, timeout=1500)
     return repo, first
 
 
-def test_repro_writes_metrics_for_every_stage(repro):
+def _json(repo, rel):
+    return json.loads((repo / rel).read_text())
+
+
+def test_repro_runs_every_stage_and_writes_its_metrics(repro):
     repo, first = repro
-    for stage in ("download", "prepare", "train_lm", "evaluate"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
-    prepare = json.loads((repo / "data/metrics/prepare.json").read_text())
+    prepare = _json(repo, "data/metrics/prepare.json")
     assert prepare["ptb"]["splits"]["test"]["tokens"] == 82430
-    assert prepare["ptb"]["dropped"] == {}
-    trained = json.loads((repo / "data/metrics/train_lm.json").read_text())["ptb"]["lstm"]
-    assert 50 < trained["val_ppl"] < 3000 and trained["tokens_per_s"] > 0
-    evaluated = json.loads((repo / "data/metrics/evaluate.json").read_text())["lm"]["ptb"]["lstm"]
-    assert evaluated["test_ppl"] == pytest.approx(trained["test_ppl"], rel=1e-4)
-    assert evaluated["mlflow_run_id"] == trained["mlflow_run_id"]
-    curve = json.loads((repo / "data/plots/train_lm/ptb-lstm.json").read_text())
-    assert curve[0]["epoch"] == 1 and curve[0]["val_ppl"] == pytest.approx(trained["val_ppl"], rel=1e-3)
+    assert prepare["multi30k"]["splits"]["test"]["lines"] == 1000
+    assert sum(prepare["flickr8k"]["dropped"].values()) == 5  # the `.jpg.1` quirk, counted
+
+    lm = _json(repo, "data/metrics/train_lm.json")["ptb"]
+    assert 50 < lm["lstm"]["val_ppl"] < 3000 and lm["lstm"]["tokens_per_s"] > 0
+    assert 1 < lm["ngram"]["val_ppl"] < lm["lstm"]["val_ppl"]  # counts over all of train vs 10 tiny batches
+
+    s2s = _json(repo, "data/metrics/train_seq2seq.json")
+    assert sorted(s2s) == ["multi30k-attention", "multi30k-none"]
+    assert all(0 <= row["sacrebleu_beam2"] <= 100 and row["val_ppl"] > 1 for row in s2s.values())
+
+    features = _json(repo, "data/metrics/features.json")
+    assert features["encoded"] == features["images"] >= 24 and features["bad_images"] == 0  # 8 per split
+
+    cap = _json(repo, "data/metrics/train_captioner.json")
+    assert sorted(cap) == ["flickr8k-show_tell", "flickr8k-soft_attention"]
+
+    study = _json(repo, "data/metrics/study.json")
+    assert study["gradient_flow"]["lstm_over_rnn_at_lag_10_trained"] > 0
+
+    table = _json(repo, "data/metrics/evaluate.json")
+    assert table["lm"]["ptb"]["lstm"]["test_ppl"] == pytest.approx(lm["lstm"]["test_ppl"], rel=1e-4)
+    assert table["lm"]["ptb"]["lstm"]["mlflow_run_id"] == lm["lstm"]["mlflow_run_id"]
+    assert table["lm"]["ptb"]["ngram"]["test_ppl"] > 1
+    assert set(table["translation"]) == set(s2s) and set(table["captioning"]) == set(cap)
+    assert "skipped" not in table
+    report = (repo / "data/reports/index.md").read_text()
+    assert lm["lstm"]["mlflow_run_id"] in report and "multi30k-attention" in report
+    curve = _json(repo, "data/plots/train_lm/ptb-lstm.json")
+    assert curve[0]["epoch"] == 1 and curve[0]["val_ppl"] == pytest.approx(lm["lstm"]["val_ppl"], rel=1e-3)
 
 
 def test_dvc_metrics_show_lists_the_table(repro):
     repo, _ = repro
-    shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
-    data = json.loads(shown)
+    data = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     metrics = next(iter(data.values()))["data"]
     assert metrics["data/metrics/evaluate.json"]["data"]["lm"]["ptb"]["lstm"]["test_ppl"] > 0
     assert "train_lm.json" in run(["dvc", "metrics", "show"], repo).stdout
 
 
-def test_mlflow_run_has_metrics_tags_and_artifacts(repro):
+def test_dvc_plots_show_writes_the_html(repro, tmp_path):
+    repo, _ = repro
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    for title in ("Test perplexity by model", "BLEU vs beam size", "Gradient flow", "Long-lag recall accuracy"):
+        assert title in html, title
+    assert "ptb-lstm" in html  # train_lm's learning curve
+
+
+def test_mlflow_runs_have_metrics_tags_and_artifacts(repro):
     from mlflow.tracking import MlflowClient
 
     repo, _ = repro
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rnnlab-lm")
-    runs = client.search_runs([exp.experiment_id])
-    assert [r.info.run_name for r in runs] == ["train_lm/ptb-lstm"]
-    r = runs[0]
-    trained = json.loads((repo / "data/metrics/train_lm.json").read_text())["ptb"]["lstm"]
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["train_lm/ptb-lstm", "train_lm/ptb-ngram"]
+    r = runs["train_lm/ptb-lstm"]
+    trained = _json(repo, "data/metrics/train_lm.json")["ptb"]["lstm"]
     assert r.info.run_id == trained["mlflow_run_id"] and r.info.status == "FINISHED"
     assert r.data.metrics["final/val_ppl"] == pytest.approx(trained["val_ppl"])
-    assert "val/ppl" in r.data.metrics and r.data.params["hidden_size"] == "32"
+    assert "val/ppl" in r.data.metrics and r.data.params["hidden_size"] == "16"
     commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert r.data.tags["git_commit"] == commit and r.data.tags["dvc_stage"] == "train_lm"
     md5_tags = {k: v for k, v in r.data.tags.items() if k.startswith("data_md5.")}
     assert len(md5_tags) == 3 and all(len(v) == 32 for v in md5_tags.values())
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert lock["stages"]["train_lm"]["deps"]  # DVC recorded the same lineage
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train_lm"]["deps"]
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
-    assert artifacts == {"model/model.ckpt", "model/vocab.json"}
+    assert {"model/model.ckpt", "model/vocab.json"} <= artifacts
+    for experiment, n in (("rnnlab-seq2seq", 2), ("rnnlab-captioner", 2), ("rnnlab-study", 1)):
+        found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert len(found) >= n and all(x.info.status == "FINISHED" for x in found), experiment
     evals = client.search_runs([client.get_experiment_by_name("rnnlab-evaluate").experiment_id])
     assert evals[0].data.tags["scored.ptb-lstm"] == r.info.run_id
 
@@ -121,8 +115,27 @@ def test_second_repro_runs_nothing(repro):
     repo, _ = repro
     second = run(["dvc", "repro"], repo)
     assert "Running stage" not in second.stdout
-    status = run(["dvc", "status"], repo).stdout
-    assert "up to date" in status
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+
+
+def test_push_then_pull_in_a_second_clone_reproduces_without_rerunning(repro, tmp_path):
+    """A DVC remote on a local directory (README "Scaling")."""
+    repo, _ = repro
+    remote = tmp_path / "dvc-remote"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "results + remote"], repo)
+    assert "pushed" in run(["dvc", "push"], repo).stdout and any(remote.rglob("*"))
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    model = "data/models/lm/ptb-lstm/model.ckpt"
+    assert not (clone / model).exists()  # git has no data, only dvc.lock
+    run(["dvc", "pull"], clone)
+    assert (clone / model).read_bytes() == (repo / model).read_bytes()
+    again = run(["dvc", "repro"], clone)
+    assert "Running stage" not in again.stdout and "Data and pipelines are up to date" in again.stdout
+    assert _json(clone, "data/metrics/evaluate.json") == _json(repo, "data/metrics/evaluate.json")
 
 
 def test_bad_param_fails_the_stage_with_a_clear_message(repro, tmp_path):

@@ -221,3 +221,50 @@ def caption_image_files(checkpoint: str | Path, image_paths: Sequence[str | Path
     features = maps.permute(0, 2, 3, 1).reshape(maps.size(0), -1, maps.size(1)).half().float()
     result = task.caption(features.clone(), beam_size=beam_size, length_penalty=length_penalty)
     return result.texts(task.tokenizer)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-scoring a saved model folder (what the ``evaluate`` stage calls)
+# --------------------------------------------------------------------------------------------
+def evaluate_caption_checkpoint(model_dir: Path, prepared_dir: Path, features_dir: Path,
+                                beam_sizes: Sequence[int] = (1, 3), split: str = "test") -> dict:
+    """Score a ``train_captioner`` model folder on ``split`` from the saved folder only.
+
+    The decoder, vocabulary and tokenizer come from ``model_dir/model.ckpt`` (read with
+    ``torch.load(weights_only=True)``); the decoding settings (length penalty, batch size) from
+    ``model_dir/run.json``; the test images' features from the cache in ``features_dir`` and their
+    references from ``prepared_dir/flickr8k/captions.parquet``. With the same beam sizes the
+    numbers equal those ``train_captioner`` reported (decoding is deterministic on CPU).
+    Returns {setting: {bleu1..4, sacrebleu, ...}, "params": the run's config}.
+    """
+    import pandas as pd
+
+    from rnnlab.caption_stage import CORPUS, FEATURES_FILE, INDEX_FILE, RUN_FILE, captions_with_features
+    from rnnlab.data.captions import CaptionDataModule
+    from rnnlab.errors import DataError
+    from rnnlab.features import load_features
+    from rnnlab.io import read_json
+    from rnnlab.tasks.caption_task import load_captioner
+
+    model_dir, features_dir = Path(model_dir), Path(features_dir)
+    for path in (model_dir / "model.ckpt", model_dir / RUN_FILE):
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the captioner model folder (run train_captioner)")
+    run = read_json(model_dir / RUN_FILE)
+    task = load_captioner(model_dir / "model.ckpt")
+    features = load_features(features_dir / FEATURES_FILE, features_dir / INDEX_FILE)
+    if features[1].get("encoder") != task.hparams.encoder:
+        raise DataError(f"{features_dir / INDEX_FILE}: features of {features[1].get('encoder')!r}, but "
+                        f"{model_dir} was trained on {task.hparams.encoder!r}")
+    captions_path = Path(prepared_dir) / CORPUS / "captions.parquet"
+    if not captions_path.is_file():
+        raise DataError(f"{captions_path}: prepared captions missing")
+    captions, _ = captions_with_features(pd.read_parquet(captions_path), features[1])
+    settings = run["eval"]
+    data = CaptionDataModule(captions, features_dir / FEATURES_FILE, features_dir / INDEX_FILE,
+                             eval_batch_size=settings["batch_size"], max_len=task.hparams.max_len,
+                             vocab=task.vocab, tokenizer=task.tokenizer, features=features)
+    data.setup()
+    metrics, _ = evaluate_captioner(task, data, split, list(beam_sizes), settings["length_penalty"],
+                                    settings["batch_size"], captions=captions)
+    return {**metrics, "params": run["config"]}

@@ -44,11 +44,21 @@ def main(argv: list[str] | None = None) -> None:
     p_repr.add_argument("sentence")
     p_repr.add_argument("--vocab", default="data/prepared/ptb/vocab.json")
     p_gen = sub.add_parser("generate", help="sample text from a trained language model")
-    p_gen.add_argument("--run", required=True, help="checkpoint path (model.ckpt) or MLflow run id")
+    p_gen.add_argument("--run", required=True, help="MLflow run id, train_lm model folder (neural or n-gram) or model.ckpt")
     p_gen.add_argument("--prompt", default="")
     p_gen.add_argument("--tokens", type=int, default=50)
     p_gen.add_argument("--temperature", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int, default=0)
+    p_tr = sub.add_parser("translate", help="English -> German with a train_seq2seq model (stdin when no sentence)")
+    p_tr.add_argument("sentence", nargs="?", help="English sentence; omitted: translate stdin line by line")
+    p_tr.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy)")
+    p_tr.add_argument("--run", default="data/models/seq2seq/multi30k-attention",
+                      help="train_seq2seq model folder, model.ckpt or MLflow run id")
+    p_cap = sub.add_parser("caption", help="caption an image file with a train_captioner model")
+    p_cap.add_argument("image", help="path to a JPEG/PNG image")
+    p_cap.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
+    p_cap.add_argument("--run", default=None, help="train_captioner model folder, model.ckpt or MLflow run id "
+                       "(default: data/models/captioner/flickr8k-soft_attention)")
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
     try:
@@ -64,20 +74,23 @@ def main(argv: list[str] | None = None) -> None:
             print("one-hot ids :", one_hot_sequence(tokens, vocab).argmax(dim=1).tolist())
         elif args.command == "generate":
             print(generate_command(args.run, args.prompt, args.tokens, args.temperature, args.seed))
+        elif args.command == "translate":
+            from rnnlab.translate import translate_command
+
+            translate_command(args.sentence, args.beam, args.run)
+        elif args.command == "caption":
+            from rnnlab.caption_stage import caption_command
+
+            print(caption_command(args.image, args.beam, args.run))
     except RnnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 def generate_command(run: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
-    from rnnlab.generate import resolve_model_path, sample_neural
+    from rnnlab.generate import resolve_model_path, sample_from_path
 
-    path = resolve_model_path(run)
-    from rnnlab.checkpoints import load_language_model
-
-    model, vocab, hp = load_language_model(path)
-    char_level = (hp.get("tokenizer") or {}).get("name") == "char"
-    return sample_neural(model, vocab, prompt, tokens, temperature, seed, char_level)
+    return sample_from_path(resolve_model_path(run), prompt, tokens, temperature, seed)
 
 
 if __name__ == "__main__":

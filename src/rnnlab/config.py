@@ -141,3 +141,27 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix[:-1]] = data
     return out
+
+
+def merged_runs(name: str, defaults: dict, runs: list) -> list[tuple[str, dict]]:
+    """A training section's ``runs`` list, each merged over ``defaults``: ``[(where, merged)]``.
+
+    Every run must be a mapping with a ``name`` usable as a folder name, names unique; the merged
+    dict keeps ``name`` (each stage's own schema checks the other keys, naming ``where``)."""
+    if "name" in defaults:
+        raise ConfigError(f"{name}.defaults.name: a run name belongs in {name}.runs, not defaults")
+    if not runs:
+        raise ConfigError(f"{name}.runs: expected at least one run")
+    out = []
+    for i, run in enumerate(runs):
+        where = f"{name}.runs[{i}]"
+        if not isinstance(run, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {run!r}")
+        run_name = run.get("name")
+        if not isinstance(run_name, str) or not run_name.strip() or "/" in run_name:
+            raise ConfigError(f"{where}.name: expected a non-empty string without '/', got {run_name!r}")
+        out.append((where, {**defaults, **run}))
+    names = [merged["name"] for _, merged in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{name}.runs: run names must be unique, got {names}")
+    return out

@@ -16,13 +16,15 @@ from rnnlab.data.vocab import EOS, Vocab
 from rnnlab.errors import RnnlabError
 
 
-def resolve_model_path(run: str, artifact: str = "model/model.ckpt") -> Path:
-    """A local path as is; otherwise treat ``run`` as an MLflow run id and download its artifact."""
+def resolve_model_path(run: str, artifact: str = "model") -> Path:
+    """A local path as is (checkpoint file or a ``data/models/lm/<run>/`` folder); otherwise treat
+    ``run`` as an MLflow run id and download its ``model`` artifact folder (``model.ckpt`` for a
+    neural LM; ``ngram.npz`` + ``vocab.json`` + ``run.json`` for an n-gram)."""
     path = Path(run)
     if path.exists():
         return path
     if not re.fullmatch(r"[0-9a-f]{32}", run):
-        raise RnnlabError(f"{run}: no such checkpoint file (nor an MLflow run id: 32 hex digits)")
+        raise RnnlabError(f"{run}: no such checkpoint file or model folder (nor an MLflow run id: 32 hex digits)")
     try:
         import mlflow
     except ImportError as exc:
@@ -34,6 +36,69 @@ def resolve_model_path(run: str, artifact: str = "model/model.ckpt") -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run, artifact_path=artifact))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for unknown runs
         raise RnnlabError(f"{run}: not a file and not an MLflow run with artifact {artifact} ({exc})") from exc
+
+
+NGRAM_FILE = "ngram.npz"
+
+
+def model_kind(path: Path) -> tuple[str, Path]:
+    """('ngram', folder) or ('neural', model.ckpt) for a checkpoint file or a model folder."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / NGRAM_FILE).is_file():
+            return "ngram", path
+        if (path / "model.ckpt").is_file():
+            return "neural", path / "model.ckpt"
+        raise RnnlabError(f"{path}: folder holds neither model.ckpt nor {NGRAM_FILE}")
+    if path.name == NGRAM_FILE:
+        return "ngram", path.parent
+    return "neural", path
+
+
+def load_ngram(folder: Path):
+    """-> (KneserNeyLanguageModel, Vocab, char_level) from a train_lm n-gram folder."""
+    import json
+
+    from rnnlab.models.ngram import KneserNeyLanguageModel
+
+    folder = Path(folder)
+    for name in (NGRAM_FILE, "vocab.json"):
+        if not (folder / name).is_file():
+            raise RnnlabError(f"{folder}: n-gram model folder lacks {name}")
+    model = KneserNeyLanguageModel.load(folder / NGRAM_FILE)
+    vocab = Vocab.load(folder / "vocab.json")
+    if model.vocab_size != len(vocab):
+        raise RnnlabError(f"{folder}: n-gram has {model.vocab_size} words but vocab.json has {len(vocab)}")
+    char_level = False
+    if (folder / "run.json").is_file():
+        char_level = bool(json.loads((folder / "run.json").read_text()).get("char_level", False))
+    elif (folder / "tokenizer.json").is_file():
+        char_level = json.loads((folder / "tokenizer.json").read_text()).get("name") == "char"
+    return model, vocab, char_level
+
+
+def sample_ngram(model, vocab: Vocab, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0,
+                 char_level: bool = False) -> str:
+    if temperature <= 0:
+        raise RnnlabError(f"temperature must be > 0, got {temperature}")
+    ids = prompt_ids(prompt, vocab, char_level)
+    if not prompt:
+        ids = [vocab.eos_id]  # start of a line
+    out = model.generate(ids, n_tokens, temperature, seed)
+    return detokenize(vocab.decode(out), char_level)
+
+
+def sample_from_path(path: str | Path, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0) -> str:
+    """Sample from a neural checkpoint / model folder / n-gram folder (what ``rnnlab generate`` runs)."""
+    kind, target = model_kind(Path(path))
+    if kind == "ngram":
+        model, vocab, char_level = load_ngram(target)
+        return sample_ngram(model, vocab, prompt, n_tokens, temperature, seed, char_level)
+    from rnnlab.checkpoints import load_language_model
+
+    model, vocab, hp = load_language_model(target)
+    char_level = (hp.get("tokenizer") or {}).get("name") == "char"
+    return sample_neural(model, vocab, prompt, n_tokens, temperature, seed, char_level)
 
 
 def prompt_ids(prompt: str, vocab: Vocab, char_level: bool) -> list[int]:

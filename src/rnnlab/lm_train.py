@@ -28,13 +28,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from rnnlab.config import parse_section, require
+from rnnlab.config import merged_runs, parse_section, require
 from rnnlab.data.lm_data import BPTTWindows, LMDataModule, batchify
 from rnnlab.data.registry import get_corpus
-from rnnlab.errors import ConfigError
+from rnnlab.errors import ConfigError, TrainingError
 from rnnlab.io import copy_file, read_json, write_json
 from rnnlab.models.lm import LANGUAGE_MODELS
 from rnnlab.resume import ResumableLoader, ResumeCallback, ResumeDir, fit_resumable, load_checkpoint_file
@@ -42,6 +44,22 @@ from rnnlab.tasks.lm_task import LanguageModelTask
 from rnnlab.training import HistoryCallback, TrainerConfig, global_rank, make_trainer, safe_exp, seed_everything
 
 log = logging.getLogger(__name__)
+
+
+NGRAM = "ngram"  # the count model (rnnlab.models.ngram), trained by counting instead of Lightning
+NGRAM_WORD_ORDER = 5
+NGRAM_CHAR_ORDER = 6  # best validation ppl of orders 5..10 on Tiny Shakespeare
+NGRAM_FILE = "ngram.npz"
+
+
+def model_names() -> list[str]:
+    return sorted([*LANGUAGE_MODELS, NGRAM])
+
+
+def lm_corpus_names() -> list[str]:
+    from rnnlab.data.registry import CORPORA
+
+    return sorted(name for name, c in CORPORA.items() if c.task in ("lm-word", "lm-char"))
 
 
 @dataclass
@@ -67,13 +85,25 @@ class LMRunConfig:
     train_fraction: float = 1.0
     limit_train_batches: int | float = 1.0
     max_time_minutes: float | None = None
+    order: int | None = None  # n-gram only: null = 5 for word corpora, NGRAM_CHAR_ORDER for char corpora
+    discount: float | None = None  # n-gram only: null = estimated per order (n1 / (n1 + 2 n2))
+    samples: int = 3  # generated samples logged per run (MLflow text artifact samples.txt)
 
     def validate(self, where: str) -> None:
-        get_corpus(self.corpus)
-        if get_corpus(self.corpus).task not in ("lm-word", "lm-char"):
-            raise ConfigError(f"{where}.corpus: {self.corpus!r} is not a language-modelling corpus")
-        if self.model not in LANGUAGE_MODELS:
-            raise ConfigError(f"{where}.model: unknown model {self.model!r}; valid names: {sorted(LANGUAGE_MODELS)}")
+        try:
+            corpus = get_corpus(self.corpus)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.corpus: {exc}") from exc
+        if corpus.task not in ("lm-word", "lm-char"):
+            raise ConfigError(f"{where}.corpus: {self.corpus!r} is not a language-modelling corpus; valid names: "
+                              f"{lm_corpus_names()}")
+        if self.model not in model_names():
+            raise ConfigError(f"{where}.model: unknown model {self.model!r}; valid names: {model_names()}")
+        if self.order is not None:
+            require(self.order >= 1, f"{where}.order", "an integer >= 1 (1 = unigram) or null", self.order)
+        if self.discount is not None:
+            require(0 < self.discount <= 1, f"{where}.discount", "a number in (0, 1] or null", self.discount)
+        require(self.samples >= 0, f"{where}.samples", "an integer >= 0", self.samples)
         require(self.bptt >= 1, f"{where}.bptt", "an integer >= 1", self.bptt)
         require(self.batch_size >= 1, f"{where}.batch_size", "an integer >= 1", self.batch_size)
         require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a number in [0, 1)", self.dropout)
@@ -81,6 +111,15 @@ class LMRunConfig:
         require(self.clip is None or self.clip > 0, f"{where}.clip", "null or a number > 0", self.clip)
         require(self.max_epochs >= 1, f"{where}.max_epochs", "an integer >= 1", self.max_epochs)
         require(0 < self.train_fraction <= 1, f"{where}.train_fraction", "a number in (0, 1]", self.train_fraction)
+
+    @property
+    def char_level(self) -> bool:
+        return get_corpus(self.corpus).task == "lm-char"
+
+    def ngram_order(self) -> int:
+        if self.order is not None:
+            return self.order
+        return NGRAM_CHAR_ORDER if self.char_level else NGRAM_WORD_ORDER
 
     def model_hparams(self) -> dict:
         hp = dict(embedding_size=self.embedding_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
@@ -97,14 +136,8 @@ class TrainLMConfig:
     experiment: str = "rnnlab-lm"
 
     def run_configs(self) -> list[LMRunConfig]:
-        configs = []
-        for i, run in enumerate(self.runs):
-            merged = {**self.defaults, **run}
-            configs.append(parse_section(LMRunConfig, merged, f"train_lm.runs[{i}]"))
-        names = [c.name for c in configs]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"train_lm.runs: run names must be unique, got {names}")
-        return configs
+        return [parse_section(LMRunConfig, merged, where)
+                for where, merged in merged_runs("train_lm", self.defaults, self.runs)]
 
 
 def parse_train_lm_config(data: dict) -> TrainLMConfig:
@@ -251,6 +284,112 @@ def train_language_model(run: LMRunConfig, trainer_cfg: TrainerConfig, prepared_
     return row
 
 
+def train_ngram_model(run: LMRunConfig, prepared_dir: Path, out_dir: Path, tracker=None) -> dict:
+    """Fit the interpolated Kneser-Ney n-gram on the train stream; score valid and test streams.
+
+    Saves ``out_dir/ngram.npz`` (+ ``vocab.json``, ``tokenizer.json``, ``run.json``) so
+    :func:`rnnlab.evaluate.evaluate_language_model` and ``rnnlab generate`` can use the folder.
+    Perplexity is over every position 1..len-1 of a split's id stream (``<eos>`` included), the
+    same number ``evaluate_language_model`` gives for the folder.
+    """
+    from rnnlab.data.vocab import Vocab
+    from rnnlab.models.ngram import KneserNeyLanguageModel
+
+    vocab = Vocab.load(prepared_dir / "vocab.json")
+    order = run.ngram_order()
+    started = time.perf_counter()
+    train_ids = np.load(prepared_dir / "train.npy")
+    model = KneserNeyLanguageModel(order, run.discount, vocab_size=len(vocab)).fit(train_ids)
+    fit_s = time.perf_counter() - started
+    val_loss = -float(np.mean(model.log_prob(np.load(prepared_dir / "valid.npy"))))
+    test_split = "test" if (prepared_dir / "test.npy").exists() else "valid"
+    test_loss = -float(np.mean(model.log_prob(np.load(prepared_dir / f"{test_split}.npy"))))
+    wall = time.perf_counter() - started
+    if not (math.isfinite(val_loss) and math.isfinite(test_loss)):
+        raise TrainingError(f"{run.name}: n-gram log-probability is not finite (val {val_loss}, test {test_loss})")
+    num_params = sum(int(a.size) for arrays in (model.numerators, model.context_totals, model.context_types)
+                     for a in arrays) + sum(int(k.size) for k in model.keys[1:])
+    row = {
+        "val_loss": round(val_loss, 5),
+        "val_ppl": round(safe_exp(val_loss), 3),
+        "test_split": test_split,
+        "test_loss": round(test_loss, 5),
+        "test_ppl": round(safe_exp(test_loss), 3),
+        "params": num_params,  # stored counts + keys (the n-gram's "parameters")
+        "tokens_per_s": round(train_ids.size / max(fit_s, 1e-9), 1),  # counting speed
+        "wall_s": round(wall, 1),
+        "epochs": 1,
+        "order": order,
+        "discounts": [round(d, 4) for d in model.discounts],
+    }
+    if run.char_level:
+        row["val_bpc"] = round(val_loss / math.log(2), 4)
+        row["test_bpc"] = round(test_loss / math.log(2), 4)
+    if global_rank() != 0:
+        return row
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save(out_dir / NGRAM_FILE)
+    for name in ("vocab.json", "tokenizer.json"):
+        if (prepared_dir / name).exists():
+            copy_file(prepared_dir / name, out_dir / name)
+    write_json(out_dir / "run.json", {"model": NGRAM, "corpus": run.corpus, "order": order,
+                                      "char_level": run.char_level})
+    write_json(out_dir / "history.json", [{"epoch": 0, "val/loss": val_loss, "val/ppl": safe_exp(val_loss)}])
+    if tracker is not None:
+        tracker.log_metrics({f"final/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+        tracker.log_artifact(out_dir / NGRAM_FILE, "model")
+        tracker.log_artifact(out_dir / "vocab.json", "model")
+        tracker.log_artifact(out_dir / "run.json", "model")
+    log.info("%s: %s", run.name, row)
+    return row
+
+
+def log_samples(run: LMRunConfig, out_dir: Path, seed: int, tracker=None) -> list[str]:
+    """``run.samples`` generated texts (prompts from :data:`SAMPLE_PROMPTS`) -> ``samples.txt`` + MLflow."""
+    from rnnlab.generate import sample_from_path
+
+    if run.samples == 0:
+        return []
+    prompts = SAMPLE_PROMPTS["char" if run.char_level else "word"]
+    texts = []
+    for i in range(run.samples):
+        prompt = prompts[i % len(prompts)]
+        text = sample_from_path(out_dir, prompt, 200 if run.char_level else 40, 1.0, seed + i)
+        sep = "" if run.char_level else " "
+        texts.append(f"[{i}] prompt={prompt!r} temperature=1.0 seed={seed + i}\n{prompt}{sep}{text}\n")
+    body = "\n".join(texts)
+    (out_dir / "samples.txt").write_text(body)
+    if tracker is not None:
+        tracker.log_text(body, "samples.txt")
+    return texts
+
+
+SAMPLE_PROMPTS = {"word": ["the", "in the", "stock prices"], "char": ["ROMEO:\n", "First Citizen:\n", "KING"]}
+PROBE_WORDS = ["money", "stock", "year", "company", "president", "market", "bank", "japan"]
+
+
+def log_neighbours(out_dir: Path, tracker=None, probes: list[str] = PROBE_WORDS, k: int = 8) -> dict:
+    """Nearest neighbours by cosine similarity of the input embedding -> ``neighbours.json`` + MLflow."""
+    from rnnlab.checkpoints import load_language_model
+
+    model, vocab, _ = load_language_model(out_dir / "model.ckpt")
+    if not hasattr(model, "embedding"):
+        return {}
+    emb = torch.nn.functional.normalize(model.embedding.weight.detach().float(), dim=1)  # [V, E]
+    result = {}
+    for word in probes:
+        if word not in vocab.stoi:
+            continue
+        sims = emb @ emb[vocab.stoi[word]]  # [V]
+        sims[vocab.stoi[word]] = -2.0
+        top = torch.topk(sims, k)
+        result[word] = [[vocab.itos[i], round(float(v), 4)] for v, i in zip(top.values.tolist(), top.indices.tolist())]
+    write_json(out_dir / "neighbours.json", result)
+    if tracker is not None:
+        tracker.log_dict(result, "neighbours.json")
+    return result
+
+
 def _test_best(trainer, task: LanguageModelTask, dm, best: Path) -> dict:
     """Test the best weights. Loaded by hand, not ``trainer.test(ckpt_path=...)``: that would also
     restore the callbacks' states from the best epoch and cut the history (and throughput) back
@@ -274,6 +413,7 @@ def train_lm_runs(cfg: TrainLMConfig, seed: int, tracking: bool, prepared_dir: P
     if len(set(pairs)) != len(pairs):
         raise ConfigError(f"train_lm.runs: each (corpus, model) pair may appear once, got {pairs}")
     writer = global_rank() == 0
+    stage_started = time.perf_counter()
     table: dict = {}
     resume_dirs = []
     for run in runs:
@@ -292,8 +432,15 @@ def train_lm_runs(cfg: TrainLMConfig, seed: int, tracking: bool, prepared_dir: P
             run_id=resume.mlflow_run_id,
         ) as tracker:
             resume.record_run_id(tracker.run_id)
-            row = train_language_model(run, cfg.trainer, prepared_dir / run.corpus, models_dir / run.name, seed,
-                                       tracker, resume=resume)
+            if run.model == NGRAM:
+                row = train_ngram_model(run, prepared_dir / run.corpus, models_dir / run.name, tracker)
+            else:
+                row = train_language_model(run, cfg.trainer, prepared_dir / run.corpus, models_dir / run.name, seed,
+                                           tracker, resume=resume)
+            if writer:
+                log_samples(run, models_dir / run.name, seed, tracker)
+                if run.model != NGRAM and not run.char_level:
+                    log_neighbours(models_dir / run.name, tracker)
             row["mlflow_run_id"] = tracker.run_id or resume.mlflow_run_id
         table.setdefault(run.corpus, {})[run.model] = row
         if writer:
@@ -302,7 +449,11 @@ def train_lm_runs(cfg: TrainLMConfig, seed: int, tracking: bool, prepared_dir: P
                       "lr": h.get("lr")} for h in history]
             write_json(plots_dir / f"{run.name}.json", curve)
     if writer:
+        budget = {"wall_s": round(time.perf_counter() - stage_started, 1),
+                  "runs": {r.name: table[r.corpus][r.model]["wall_s"] for r in runs}}
+        log.info("train_lm budget used: %.1f s over %d runs", budget["wall_s"], len(runs))
         write_json(metrics_path, table)
+        write_json(models_dir / "budget.json", budget)  # the stage's time budget used (README "Language models")
         for resume in resume_dirs:
             resume.clear()
     return table

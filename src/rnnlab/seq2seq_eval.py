@@ -109,3 +109,50 @@ def attention_heatmaps(task, sentences: list[str], out_dir: str | Path, beam_siz
         paths.append(plot_attention(source_tokens, target_tokens, weights, Path(out_dir) / f"{prefix}_{i:02d}.png",
                                     title=f"{task.hparams.attention} attention, beam {beam_size}"))
     return paths
+
+
+def evaluate_translation_checkpoint(model_dir: str | Path, prepared_dir: str | Path, beam_sizes=(1, 5)) -> dict:
+    """Rescore a ``train_seq2seq`` model folder on the whole Multi30k test split (test_2016_flickr).
+
+    ``model_dir``: the folder (``model.ckpt`` + ``vocab.*.json`` + ``config.json``) or the
+    checkpoint file itself; ``prepared_dir``: ``data/prepared/multi30k`` (or ``data/prepared``).
+    Nothing is rebuilt from data: the vocabularies and tokenizers come from the checkpoint
+    (``torch.load(weights_only=True)``), checked against the ``vocab.*.json`` beside it (a mismatch
+    names both sizes); ``max_len`` and ``eval_batch_size`` come from ``config.json``. Decoding and
+    perplexity run exactly as at the end of training, so the numbers equal ``train_seq2seq.json``.
+
+    Returns ``{sacrebleu_greedy, sacrebleu_beamK, chrf_*, tok_lc_bleu_*, beam1_equals_greedy (when
+    1 is a beam size), test_ppl, test_loss, *_signature, params, test_sentences, truncated_test_src,
+    beams: [{beam, sacrebleu, chrf, tok_lc_bleu}]}`` (key meanings: module docstring and
+    rnnlab.seq2seq_stage)."""
+    from rnnlab.data.parallel import ParallelDataModule
+    from rnnlab.io import read_json
+    from rnnlab.seq2seq_stage import SCORE_NAMES, read_pairs, score_row
+    from rnnlab.seq2seq_train import evaluate_translation
+    from rnnlab.translate import load_translator
+
+    beam_sizes = [int(k) for k in beam_sizes]
+    if not beam_sizes or any(k < 1 for k in beam_sizes):
+        raise ValueError(f"beam_sizes: expected integers >= 1, got {beam_sizes}")
+    task, folder = load_translator(model_dir)
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    max_len = int(config.get("max_len", task.hparams.decode_max_len))
+    pairs = read_pairs(Path(prepared_dir))
+    dm = ParallelDataModule(pairs, max_len=max_len, eval_batch_size=int(config.get("eval_batch_size", 256)),
+                            tokenizers=(task.src_tokenizer, task.tgt_tokenizer),
+                            vocabs=(task.src_vocab, task.tgt_vocab))
+    # Only the test split is needed: encode it the way setup() does, without the train split.
+    frame = dm.split_frame("test")
+    dm.texts["test"] = frame
+    dm.datasets["test"] = dm._encode("test", frame)
+    test_loss, test_ppl = teacher_forced_perplexity(task, dm.loader("test"))
+    metrics, rows = evaluate_translation(task, dm.sources("test"), dm.references("test"), beam_sizes)
+    return {
+        **score_row(metrics, beam_sizes),
+        "test_ppl": round(test_ppl, 3), "test_loss": round(test_loss, 4),
+        "params": task.num_parameters(),
+        "test_sentences": len(frame),
+        "truncated_test_src": dm.truncated["test"]["src"],
+        "beams": [{"beam": r["beam"], **{SCORE_NAMES[s]: r[s] for s in ("sacrebleu", "chrf", "tok_bleu")}}
+                  for r in rows if r["beam"] > 0],
+    }

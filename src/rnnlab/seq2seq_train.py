@@ -22,7 +22,7 @@ naming the key; every key has the default shown, which is the CPU profile)::
     batch_size: 64
     eval_batch_size: 256
     max_epochs: 12
-    max_time_minutes: 4.5    # wall-clock cap on training (null: none); validation still runs at the stop
+    max_time_minutes: null   # optional wall-clock cap on training (interactive use; results then depend on speed)
     limit_train_batches: 1.0 # float fraction or int batches per epoch
     clip: 1.0                # gradient-norm clipping (null: none)
     monitor: val/bleu        # val/bleu (greedy, sacreBLEU) | val/loss: best checkpoint + early stopping
@@ -91,7 +91,7 @@ class Seq2SeqConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     max_epochs: int = 12
-    max_time_minutes: float | None = 4.5
+    max_time_minutes: float | None = None
     limit_train_batches: int | float = 1.0
     clip: float | None = 1.0
     monitor: Literal["val/bleu", "val/loss"] = "val/bleu"

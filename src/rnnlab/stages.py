@@ -7,12 +7,12 @@ own params section (+ ``seed`` and ``tracking``), and writes its outputs atomica
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from rnnlab.config import parse_section, section
 from rnnlab.errors import ConfigError
-from rnnlab.io import read_json, write_json
+from rnnlab.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -84,47 +84,3 @@ def train_lm_stage(params: dict, prepared_dir: Path, models_dir: Path, metrics_p
     cfg = parse_train_lm_config(section(params, "train_lm"))
     return train_lm_runs(cfg, get_seed(params), tracking_enabled(params), prepared_dir, models_dir, metrics_path,
                          plots_dir, checkpoints_dir)
-
-
-@dataclass
-class EvaluateConfig:
-    lm_batch_size: int = 10
-    lm_bptt: int = 35
-    experiment: str = "rnnlab-evaluate"
-
-
-def evaluate_stage(params: dict, prepared_dir: Path, models_dir: Path, train_metrics: Path, metrics_path: Path) -> dict:
-    from rnnlab.evaluate import evaluate_language_model
-    from rnnlab.lm_train import parse_train_lm_config
-    from rnnlab.tracking import tracked_run
-
-    cfg = parse_section(EvaluateConfig, section(params, "evaluate"), "evaluate")
-    lm_cfg = parse_train_lm_config(section(params, "train_lm"))
-    trained = read_json(train_metrics) if train_metrics.exists() else {}
-    table: dict = {"lm": {}}
-    scored_runs = {}
-    with tracked_run(run_name="evaluate", stage="evaluate", experiment=cfg.experiment,
-                     enabled=tracking_enabled(params), params=asdict(cfg),
-                     data_deps=[train_metrics], tags={"task": "evaluate"}) as tracker:
-        for run in lm_cfg.run_configs():
-            result = evaluate_language_model(models_dir / run.name / "model.ckpt", prepared_dir / run.corpus,
-                                              cfg.lm_batch_size, cfg.lm_bptt)
-            row = {
-                f"{result['split']}_ppl": round(result["ppl"], 3),
-                f"{result['split']}_loss": round(result["loss"], 5),
-                "tokens": result["tokens"],
-            }
-            if run.corpus == "tinyshakespeare":
-                row[f"{result['split']}_bpc"] = round(result["bpc"], 4)
-            train_run = trained.get(run.corpus, {}).get(run.model, {}).get("mlflow_run_id")
-            if train_run:
-                row["mlflow_run_id"] = train_run
-                scored_runs[f"scored.{run.name}"] = train_run
-            table["lm"].setdefault(run.corpus, {})[run.model] = row
-            tracker.log_metrics({f"lm.{run.corpus}.{run.model}.{k}": v for k, v in row.items()
-                                 if isinstance(v, (int, float))})
-        tracker.set_tags(scored_runs)
-        tracker.log_dict(table, "evaluate.json")
-    write_json(metrics_path, table)
-    return table
-

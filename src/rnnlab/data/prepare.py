@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 
 from rnnlab.config import parse_section, require
 from rnnlab.data import readers, schemas

@@ -1,0 +1,283 @@
+"""MLflow pyfunc wrappers: serve trained rnnlab models over HTTP (``mlflow models serve``).
+
+Three wrappers, each logged with its checkpoint as an artifact (the checkpoint carries the
+vocabulary and tokenizer, so nothing is rebuilt from data) and an explicit signature:
+
+=====================  ====================================================  =====================
+registered name        input columns (``{"inputs": [{...}, ...]}``)           output column
+=====================  ====================================================  =====================
+rnnlab-lm-<c>-<model>  ``prompt`` str; optional ``tokens`` int (1..max),      ``text``
+                       ``temperature`` float > 0, ``seed`` int
+rnnlab-translator      ``text`` str (an English sentence); optional ``beam``  ``translation``
+rnnlab-captioner       ``image`` str (base64 of a JPEG/PNG file); opt. beam   ``caption``
+=====================  ====================================================  =====================
+
+Bad input (missing column, empty text, a non-image, out-of-range numbers) is answered with an
+``MlflowException(INVALID_PARAMETER_VALUE)``: the scoring server turns it into HTTP 400 with the
+message, without a stack trace, and keeps serving. Any other failure inside ``predict`` is also
+reported as a 400 message (its type and text, no traceback) so the client never sees a trace.
+
+Logging and registration (``log_and_register``) is done by the ``evaluate`` stage, into the
+evaluation run (the training stages stay MLflow-optional); each registered version is tagged
+``training_run_id`` with the run that trained it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+
+log = logging.getLogger(__name__)
+MAX_TOKENS = 500  # longest generation one request may ask for
+MAX_BEAM = 10
+MAX_ROWS = 64  # requests per call
+
+
+def _bad(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)
+
+
+def _rows(model_input: Any, required: str) -> list[dict]:
+    """The request as a list of dicts; a clear error for any other shape."""
+    if isinstance(model_input, pd.DataFrame):
+        rows = model_input.to_dict(orient="records")
+    elif isinstance(model_input, dict):
+        rows = [model_input]
+    elif isinstance(model_input, list) and all(isinstance(r, dict) for r in model_input):
+        rows = list(model_input)
+    else:
+        raise _bad(f"expected records with a {required!r} column, got {type(model_input).__name__}")
+    if not rows:
+        raise _bad("empty request: send at least one record")
+    if len(rows) > MAX_ROWS:
+        raise _bad(f"{len(rows)} records in one request; at most {MAX_ROWS}")
+    for i, row in enumerate(rows):
+        if required not in row:
+            raise _bad(f"record {i}: missing column {required!r}")
+    return rows
+
+
+def _text(row: dict, key: str, i: int) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(f"record {i}: {key!r} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _int(row: dict, key: str, i: int, default: int, low: int, high: int) -> int:
+    value = row.get(key)
+    if not _present(value):
+        return default
+    if isinstance(value, bool) or not float(value).is_integer() or not low <= int(value) <= high:
+        raise _bad(f"record {i}: {key!r} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def _float(row: dict, key: str, i: int, default: float, low_exclusive: float, high: float) -> float:
+    value = row.get(key)
+    if not _present(value):
+        return default
+    if isinstance(value, bool) or not low_exclusive < float(value) <= high:
+        raise _bad(f"record {i}: {key!r} must be a number in ({low_exclusive}, {high}], got {value!r}")
+    return float(value)
+
+
+def _guard(fn):
+    """Turn any non-MlflowException into a 400 message without a traceback."""
+
+    def wrapper(self, context, model_input, params=None):
+        try:
+            return fn(self, context, model_input, params)
+        except MlflowException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the client gets a message, never a trace
+            log.exception("predict failed")
+            raise _bad(f"{type(exc).__name__}: {exc}") from None
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+class LanguageModelPyfunc(PythonModel):
+    """Text generation from a train_lm model (artifact ``checkpoint``: a neural ``model.ckpt``, or an
+    n-gram run folder holding ``ngram.npz`` + ``vocab.json``)."""
+
+    def load_context(self, context) -> None:
+        from rnnlab.generate import load_ngram, model_kind
+
+        self.kind, target = model_kind(Path(context.artifacts["checkpoint"]))
+        config = context.model_config or {}
+        if self.kind == "ngram":
+            self.model, self.vocab, char_level = load_ngram(target)
+        else:
+            from rnnlab.checkpoints import load_language_model
+
+            self.model, self.vocab, hp = load_language_model(target)
+            char_level = (hp.get("tokenizer") or {}).get("name") == "char"
+        self.char_level = bool(config.get("char_level", char_level))
+        self.default_tokens = int(config.get("tokens", 30))
+
+    @_guard
+    def predict(self, context, model_input, params=None):
+        from rnnlab.generate import sample_neural, sample_ngram
+
+        sample = sample_ngram if self.kind == "ngram" else sample_neural
+        out = []
+        for i, row in enumerate(_rows(model_input, "prompt")):
+            prompt = _text(row, "prompt", i)
+            tokens = _int(row, "tokens", i, self.default_tokens, 1, MAX_TOKENS)
+            temperature = _float(row, "temperature", i, 1.0, 0.0, 100.0)
+            seed = _int(row, "seed", i, 0, 0, 2**31 - 1)
+            out.append(sample(self.model, self.vocab, prompt, tokens, temperature, seed, self.char_level))
+        return pd.DataFrame({"text": out})
+
+
+class TranslatorPyfunc(PythonModel):
+    """English -> German from a train_seq2seq checkpoint (artifact ``checkpoint``)."""
+
+    def load_context(self, context) -> None:
+        from rnnlab.tasks.seq2seq_task import load_translation_task
+
+        self.task = load_translation_task(context.artifacts["checkpoint"])
+        self.default_beam = int((context.model_config or {}).get("beam", 5))
+
+    @_guard
+    def predict(self, context, model_input, params=None):
+        rows = _rows(model_input, "text")
+        texts = [_text(row, "text", i) for i, row in enumerate(rows)]
+        beams = [_int(row, "beam", i, self.default_beam, 1, MAX_BEAM) for i, row in enumerate(rows)]
+        out = []
+        for beam in sorted(set(beams)):  # one batch per beam size, answers in request order
+            idx = [i for i, b in enumerate(beams) if b == beam]
+            for i, hyp in zip(idx, self.task.translate([texts[i] for i in idx], beam_size=beam)):
+                out.append((i, hyp))
+        return pd.DataFrame({"translation": [hyp for _, hyp in sorted(out)]})
+
+
+class CaptionerPyfunc(PythonModel):
+    """Image captioning from a train_captioner checkpoint (artifact ``checkpoint``; optional
+    ``encoder_weights``): images arrive base64-encoded in the ``image`` column."""
+
+    def load_context(self, context) -> None:
+        self.checkpoint = context.artifacts["checkpoint"]
+        self.encoder_weights = context.artifacts.get("encoder_weights")
+        self.default_beam = int((context.model_config or {}).get("beam", 3))
+
+    @_guard
+    def predict(self, context, model_input, params=None):
+        from rnnlab.caption_eval import caption_image_files
+        from rnnlab.errors import DataError
+
+        rows = _rows(model_input, "image")
+        payloads = []
+        for i, row in enumerate(rows):
+            text = _text(row, "image", i)
+            try:
+                payloads.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                raise _bad(f"record {i}: 'image' is not valid base64") from None
+        beams = {_int(row, "beam", i, self.default_beam, 1, MAX_BEAM) for i, row in enumerate(rows)}
+        if len(beams) > 1:
+            raise _bad(f"one beam size per request, got {sorted(beams)}")
+        with tempfile.TemporaryDirectory(prefix="rnnlab-caption-") as tmp:
+            paths = []
+            for i, data in enumerate(payloads):
+                path = Path(tmp) / f"record{i}"
+                path.write_bytes(data)
+                paths.append(path)
+            try:
+                captions = caption_image_files(self.checkpoint, paths, beam_size=beams.pop(),
+                                               encoder_weights=self.encoder_weights)
+            except DataError as exc:
+                raise _bad(str(exc).replace(tmp + "/", "")) from None
+        return pd.DataFrame({"caption": captions})
+
+
+# ----------------------------------------------------------------------------------------------
+# Signatures, logging, registration
+# ----------------------------------------------------------------------------------------------
+def _schema(*cols: tuple[str, str, bool]) -> Schema:
+    return Schema([ColSpec(kind, name, required=required) for name, kind, required in cols])
+
+
+SIGNATURES = {
+    "lm": ModelSignature(
+        inputs=_schema(("prompt", "string", True), ("tokens", "long", False), ("temperature", "double", False),
+                       ("seed", "long", False)),
+        outputs=_schema(("text", "string", True))),
+    "translation": ModelSignature(inputs=_schema(("text", "string", True), ("beam", "long", False)),
+                                  outputs=_schema(("translation", "string", True))),
+    "captioning": ModelSignature(inputs=_schema(("image", "string", True), ("beam", "long", False)),
+                                 outputs=_schema(("caption", "string", True))),
+}
+WRAPPERS = {"lm": LanguageModelPyfunc, "translation": TranslatorPyfunc, "captioning": CaptionerPyfunc}
+
+
+def registered_name(task: str, corpus: str | None = None, model: str | None = None) -> str:
+    if task == "lm":
+        return f"rnnlab-lm-{corpus}-{model}"
+    return {"translation": "rnnlab-translator", "captioning": "rnnlab-captioner"}[task]
+
+
+def _requirements() -> list[str]:
+    import numpy
+    import torch
+
+    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"numpy=={numpy.__version__}", f"pandas=={pd.__version__}", "rnnlab"]
+
+
+def log_and_register(task: str, checkpoint: Path, name: str, run_id: str, tracking_uri: str,
+                     model_config: dict | None = None, extra_artifacts: dict | None = None,
+                     training_run_id: str | None = None, register: bool = True, run_name: str | None = None) -> dict:
+    """Log ``checkpoint`` as a pyfunc model into MLflow run ``run_id`` and register it as ``name``.
+
+    Returns ``{"model_uri", "registered_name", "version"}``. ``rnnlab`` must be importable where the
+    model is served (``--env-manager local`` in this project's venv)."""
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    artifacts = {"checkpoint": str(checkpoint), **{k: str(v) for k, v in (extra_artifacts or {}).items()}}
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pyfunc.log_model(
+            name=(run_name or name).replace("/", "-"), python_model=WRAPPERS[task](), artifacts=artifacts, signature=SIGNATURES[task],
+            model_config=model_config or {}, pip_requirements=_requirements(),
+        )
+    out = {"model_uri": info.model_uri, "registered_name": None, "version": None}
+    if register:
+        version = mlflow.register_model(info.model_uri, name)
+        client = MlflowClient(tracking_uri)
+        if training_run_id:
+            client.set_model_version_tag(name, version.version, "training_run_id", training_run_id)
+        client.set_model_version_tag(name, version.version, "evaluation_run_id", run_id)
+        if run_name:
+            client.set_model_version_tag(name, version.version, "rnnlab.run", run_name)
+        out.update(registered_name=name, version=int(version.version))
+    return out
+
+
+def encode_image(path: str | Path) -> str:
+    """base64 text of an image file, as the captioner's ``image`` column expects."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def request_body(records: list[dict]) -> str:
+    """The JSON body ``/invocations`` expects for these records."""
+    return json.dumps({"inputs": records})

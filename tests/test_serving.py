@@ -1,0 +1,183 @@
+"""Serving: the registered tiny PTB LM answers real HTTP requests from `mlflow models serve`
+(models:/rnnlab-lm-ptb-lstm/latest, --env-manager local, 127.0.0.1); malformed requests get a
+4xx message without a stack trace and the server keeps answering. The wrappers' input checks are
+also tested in-process through mlflow.pyfunc.load_model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from local_server import local_service
+from tiny_lm_store import lm_store  # noqa: F401 - fixture
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def post(url: str, body: bytes | str, timeout: float = 60) -> tuple[int, dict]:
+    data = body.encode() if isinstance(body, str) else body
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def server(lm_store):  # noqa: F811
+    env = {**os.environ, "MLFLOW_TRACKING_URI": lm_store.uri, "OMP_NUM_THREADS": "1",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/rnnlab-lm-ptb-lstm/latest",
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"]
+    with local_service(cmd, lm_store.root / "serve.log", "/ping", env=env, cwd=lm_store.root) as (base, proc):
+        yield base, proc
+
+
+def test_http_generation_and_bad_requests(server):
+    base, proc = server
+    url = base + "/invocations"
+    body = {"inputs": [{"prompt": "the company said", "tokens": 8, "seed": 3},
+                       {"prompt": "the company said", "tokens": 8, "seed": 3}]}
+    status, answer = post(url, json.dumps(body))
+    assert status == 200, answer
+    texts = [p["text"] for p in answer["predictions"]]
+    assert len(texts[0].replace("\n", " ").split()) == 8  # eight sampled words (an <eos> prints as a line break)
+    assert texts[0] == texts[1]  # same seed, same sample
+    bad = {
+        "empty prompt": '{"inputs": [{"prompt": "   "}]}',
+        "wrong column": '{"inputs": [{"text": "the"}]}',
+        "wrong shape": '{"data": [["the"]]}',
+        "a bare list": '[1, 2, 3]',
+        "a string for records": '{"inputs": "the"}',
+        "not JSON": "not json at all",
+        "too many tokens": '{"inputs": [{"prompt": "the", "tokens": 100000}]}',
+        "bad temperature": '{"inputs": [{"prompt": "the", "temperature": -1}]}',
+    }
+    for what, payload in bad.items():
+        status, answer = post(url, payload)
+        assert 400 <= status < 500, (what, status, answer)
+        assert answer["message"], what
+        assert "Traceback" not in json.dumps(answer), what
+    assert "'prompt' must be a non-empty string" in post(url, bad["empty prompt"])[1]["message"]
+    assert proc.poll() is None  # still serving
+    assert post(url, json.dumps(body))[0] == 200
+
+
+def test_pyfunc_in_process(lm_store):  # noqa: F811
+    import mlflow
+
+    mlflow.set_tracking_uri(lm_store.uri)
+    model = mlflow.pyfunc.load_model("models:/rnnlab-lm-ptb-lstm/1")
+    inputs = model.metadata.get_input_schema().input_names()
+    assert inputs == ["prompt", "tokens", "temperature", "seed"]
+    out = model.predict(pd.DataFrame({"prompt": ["the market"], "tokens": [5], "seed": [1]}))
+    assert list(out.columns) == ["text"] and len(out["text"][0].replace("\n", " ").split()) == 5
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="non-empty string"):
+        model.predict(pd.DataFrame({"prompt": [""]}))
+
+    ngram = mlflow.pyfunc.load_model("models:/rnnlab-lm-ptb-ngram/latest")
+    first = ngram.predict(pd.DataFrame({"prompt": ["the market"], "tokens": [6], "seed": [2]}))["text"][0]
+    assert len(first.replace("\n", " ").split()) == 6
+    assert ngram.predict(pd.DataFrame({"prompt": ["the market"], "tokens": [6], "seed": [2]}))["text"][0] == first
+
+
+def test_captioner_wrapper_rejects_non_images(tmp_path):
+    """No captioner checkpoint is needed to refuse bytes that are not base64 / not an image."""
+    from mlflow.exceptions import MlflowException
+
+    from rnnlab.serving import CaptionerPyfunc, encode_image
+
+    wrapper = CaptionerPyfunc()
+    wrapper.checkpoint, wrapper.encoder_weights, wrapper.default_beam = tmp_path / "none.ckpt", None, 3
+    with pytest.raises(MlflowException, match="not valid base64"):
+        wrapper.predict(None, pd.DataFrame({"image": ["%%% not base64"]}))
+    (tmp_path / "x.jpg").write_bytes(b"this is not a JPEG")
+    with pytest.raises(MlflowException) as err:
+        wrapper.predict(None, pd.DataFrame({"image": [encode_image(tmp_path / "x.jpg")]}))
+    assert err.value.get_http_status_code() == 400 and "record0" in err.value.message
+    assert str(tmp_path) not in err.value.message
+
+
+def _save_pyfunc(task: str, checkpoint: Path, path: Path):
+    import mlflow
+
+    from rnnlab.serving import SIGNATURES, WRAPPERS
+
+    mlflow.pyfunc.save_model(str(path), python_model=WRAPPERS[task](), artifacts={"checkpoint": str(checkpoint)},
+                             signature=SIGNATURES[task], pip_requirements=["rnnlab"])
+    return mlflow.pyfunc.load_model(str(path))
+
+
+def test_translator_pyfunc_in_process(mirror, tmp_path):
+    """A small seq2seq model on 8 real Multi30k pairs (untrained weights: the wrapper is what is tested)
+    answers exactly as the library's translate(), keeps request order, and refuses bad records."""
+    import pytorch_lightning as pl
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from rnnlab.data.parallel import read_multi30k
+    from rnnlab.data.tokenize import WordTokenizer
+    from rnnlab.data.vocab import Vocab
+    from rnnlab.tasks.seq2seq_task import TranslationTask
+
+    train = read_multi30k(mirror / "multi30k" / "raw").query("split == 'train'").head(8)
+    words = WordTokenizer(lowercase=True), WordTokenizer(lowercase=False)
+    src_vocab = Vocab.build(words[0].tokenize(s) for s in train["src"])
+    tgt_vocab = Vocab.build(words[1].tokenize(s) for s in train["tgt"])
+    torch.manual_seed(0)
+    task = TranslationTask(len(src_vocab), len(tgt_vocab), src_vocab=src_vocab, tgt_vocab=tgt_vocab,
+                           src_tokenizer=words[0], tgt_tokenizer=words[1], embedding_size=16, hidden_size=16,
+                           num_layers=1, dropout=0.0, attention="bahdanau", lr=0.01, label_smoothing=0.0,
+                           decode_max_len=12).eval()
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+            "pytorch-lightning_version": pl.__version__}
+    task.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "model.ckpt")
+    model = _save_pyfunc("translation", tmp_path / "model.ckpt", tmp_path / "pyfunc")
+    sentences = train["src"].tolist()[:3]
+    out = model.predict(pd.DataFrame({"text": sentences, "beam": [2, 1, 2]}))
+    assert list(out.columns) == ["translation"]
+    assert out["translation"][1] == task.translate([sentences[1]], beam_size=1)[0]
+    assert out["translation"][0] == task.translate([sentences[0]], beam_size=2)[0]
+    for bad, message in ((pd.DataFrame({"text": [""]}), "non-empty string"),
+                         (pd.DataFrame({"text": ["a dog ."], "beam": [99]}), "'beam' must be an integer")):
+        with pytest.raises(MlflowException, match=message) as err:
+            model.predict(bad)
+        assert err.value.get_http_status_code() == 400
+
+
+def test_captioner_pyfunc_in_process(mirror, tmp_path):
+    """A small captioner (small_cnn encoder, no downloaded weights) captions base64 JPEGs of real
+    Flickr8k images through the pyfunc model; a non-image is a 400 naming the record."""
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from rnnlab.data.vocab import Vocab
+    from rnnlab.serving import encode_image
+    from rnnlab.tasks.caption_task import CaptioningTask
+
+    vocab = Vocab.build([["a", "dog", "runs", "on", "the", "grass"]])
+    torch.manual_seed(0)
+    task = CaptioningTask("soft_attention", len(vocab), 256, embedding_size=16, hidden_size=16, attention_size=16,
+                          dropout=0.0, max_len=8, encoder="small_cnn", vocab_fingerprint=vocab.fingerprint(), vocab=vocab)
+    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
+    task.on_save_checkpoint(ckpt)
+    torch.save(ckpt, tmp_path / "model.ckpt")
+    model = _save_pyfunc("captioning", tmp_path / "model.ckpt", tmp_path / "pyfunc")
+    images = sorted((mirror / "flickr8k" / "images").rglob("*.jpg"))[:2]
+    out = model.predict(pd.DataFrame({"image": [encode_image(p) for p in images]}))
+    assert list(out.columns) == ["caption"] and len(out) == 2
+    assert all(isinstance(c, str) and set(c.split()) <= set(vocab.itos) for c in out["caption"])
+    (tmp_path / "bad.jpg").write_bytes(b"GIF89a not really")
+    with pytest.raises(MlflowException, match="record1") as err:
+        model.predict(pd.DataFrame({"image": [encode_image(images[0]), encode_image(tmp_path / "bad.jpg")]}))
+    assert err.value.get_http_status_code() == 400

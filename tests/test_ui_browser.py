@@ -1,0 +1,83 @@
+"""The MLflow UI in a real browser: `mlflow ui` on 127.0.0.1 over the tiny pipeline's store
+(train_lm + evaluate stage functions), opened by Debian's headless chromium; the rendered DOM
+must show the experiment, the run names and a metric value; a screenshot is saved.
+
+Marked ``browser``. Without chromium the test is skipped, unless ``RNNLAB_REQUIRE_BROWSER=1``
+(set by ``.ci/run``, which installs chromium), where a missing browser is a failure. The
+screenshot goes to ``$RNNLAB_UI_SCREENSHOT`` when set (``.ci/run``: data/reports/ui.png), else to
+the test's temp folder; its path is printed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from local_server import local_service
+from tiny_lm_store import lm_store  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.browser
+VENV_BIN = Path(sys.executable).parent
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+                "--disable-dev-shm-usage", "--window-size=1400,1000"]
+
+
+def find_chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("RNNLAB_REQUIRE_BROWSER") == "1":
+        pytest.fail("chromium is not installed (apt-get install -y chromium); RNNLAB_REQUIRE_BROWSER=1 forbids a skip")
+    pytest.skip("chromium is not installed (apt-get install -y chromium)")
+
+
+def chromium(browser: str, profile: Path, url: str, *action: str) -> subprocess.CompletedProcess:
+    # --virtual-time-budget: the page's JS runs (and its API fetches finish) before the dump/screenshot
+    cmd = [browser, *CHROME_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000", *action, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ui(lm_store):  # noqa: F811
+    browser = find_chromium()
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", lm_store.uri, "--host", "127.0.0.1",
+           "--port", "{port}"]
+    with local_service(cmd, lm_store.root / "ui.log", "/health", env=env, cwd=lm_store.root) as (base, _):
+        yield browser, base
+
+
+def test_ui_shows_experiment_runs_and_metric(ui, lm_store, tmp_path):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    browser, base = ui
+    client = MlflowClient(lm_store.uri)
+    exp = client.get_experiment_by_name("rnnlab-lm")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"train_lm/ptb-lstm", "train_lm/ptb-ngram"}
+    run = runs["train_lm/ptb-lstm"]
+    ppl = lm_store.table["lm"]["ptb"]["lstm"]["test_ppl"]
+    assert run.data.metrics["final/test_ppl"] == pytest.approx(ppl)
+
+    # the experiment page lists the run by name
+    page = chromium(browser, tmp_path / "profile1", f"{base}/#/experiments/{exp.experiment_id}/runs", "--dump-dom")
+    assert page.returncode == 0, page.stderr[-2000:]
+    assert "rnnlab-lm" in page.stdout, page.stdout[-3000:]
+    assert "train_lm/ptb-lstm" in page.stdout and "train_lm/ptb-ngram" in page.stdout, page.stdout[-3000:]
+
+    # the run page shows its metric values
+    run_url = f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+    page = chromium(browser, tmp_path / "profile2", run_url, "--dump-dom")
+    assert page.returncode == 0, page.stderr[-2000:]
+    assert "train_lm/ptb-lstm" in page.stdout and "final/test_ppl" in page.stdout
+    assert str(ppl) in page.stdout, f"metric value {ppl} not in the rendered run page"
+
+    shot = Path(os.environ.get("RNNLAB_UI_SCREENSHOT") or tmp_path / "ui.png").resolve()
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    done = chromium(browser, tmp_path / "profile3", run_url, f"--screenshot={shot}")
+    assert done.returncode == 0 and shot.stat().st_size > 10_000, done.stderr[-2000:]
+    print(f"MLflow UI screenshot: {shot}")

@@ -1,0 +1,75 @@
+"""One tiny trained PTB LSTM and a trigram + the evaluate stage, in a temp folder with its own sqlite MLflow store,
+built once per test session and shared by tests/test_evaluate_stage.py, test_serving.py and
+test_ui_browser.py (real train_lm and evaluate stage functions, real PTB prepared by the real code)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TINY_PARAMS = {
+    "seed": 7,
+    "tracking": {"enabled": True},
+    "train_lm": {
+        "experiment": "rnnlab-lm",
+        "trainer": {"progress_bar": False, "checkpoint_every_n_steps": 0, "resume": False},
+        "defaults": {"embedding_size": 16, "hidden_size": 16, "num_layers": 1, "dropout": 0.0, "batch_size": 16,
+                     "eval_batch_size": 10, "bptt": 20, "train_fraction": 0.02, "limit_train_batches": 10},
+        "runs": [{"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"},
+                 {"name": "ptb-ngram", "corpus": "ptb", "model": "ngram", "order": 3}],
+    },
+    # lm_batch_size / lm_bptt = the training run's eval_batch_size / bptt: evaluate must reproduce its test ppl
+    "evaluate": {"experiment": "rnnlab-evaluate", "lm_batch_size": 10, "lm_bptt": 20, "sample_tokens": 12},
+}
+
+
+@dataclass
+class Store:
+    root: Path  # the working folder (data/..., mlflow.db, mlartifacts)
+    uri: str  # its MLflow tracking URI
+    params: dict
+    table: dict  # evaluate.json
+
+
+@contextlib.contextmanager
+def chdir_env(path: Path, uri: str):
+    old_cwd, old_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(path)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+@functools.cache
+def tiny_store(prepared_root: Path) -> Store:
+    from rnnlab.evaluate_stage import evaluate_stage
+    from rnnlab.stages import train_lm_stage
+
+    root = Path(tempfile.mkdtemp(prefix="rnnlab-store-"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with chdir_env(root, uri):
+        train_lm_stage(TINY_PARAMS, prepared_root, Path("data/models/lm"), Path("data/metrics/train_lm.json"),
+                       Path("data/plots/train_lm"), Path("data/checkpoints/train_lm"))
+        table = evaluate_stage(TINY_PARAMS, prepared_root, Path("data/models"), Path("data/metrics"),
+                               Path("data/metrics/evaluate.json"), Path("data/reports"), Path("data/plots/evaluate"))
+    return Store(root, uri, TINY_PARAMS, table)
+
+
+@pytest.fixture(scope="session")
+def lm_store(prepared_ptb) -> Store:
+    store = tiny_store(prepared_ptb.parent)
+    yield store
+    shutil.rmtree(store.root, ignore_errors=True)
