@@ -84,7 +84,8 @@ def test_only_rank_zero_tracks_and_writes(runs):
     assert tracked.info.run_id == _row(base, "ddp")["mlflow_run_id"] and tracked.info.status == "FINISHED"
     assert tracked.data.params["trainer.strategy"] == "ddp" and tracked.data.params["trainer.devices"] == "2"
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "val/ppl")] == [1]
-    assert sorted(p.name for p in (base / "ddp" / "models" / "ptb-lstm").iterdir()) == ["history.json", "model.ckpt"]
+    written = sorted(p.name for p in (base / "ddp" / "models" / "ptb-lstm").iterdir())
+    assert written == ["history.json", "model.ckpt", "neighbours.json", "samples.txt"]
 
 
 def test_ddp_matches_single_process_with_the_same_global_batch(runs):
