@@ -238,7 +238,7 @@ def beam_search(
 
     for t in range(max_len):
         log_probs, state, attn = _step(decoder, prev, state)  # log_probs: [active * k, vocab]
-        n_active, vocab = active.numel(), log_probs.size(-1)
+        n_active = active.numel()
         # Two-stage top-k: the best 2k extensions of a sentence are among the best 2k of each beam.
         beam_lp, beam_tok = _top_tokens(log_probs, k)  # [active * k, per_beam], best first
         per_beam = beam_lp.size(-1)

@@ -7,6 +7,7 @@ generation never rebuilds them from data.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -88,17 +89,23 @@ def sample_ngram(model, vocab: Vocab, prompt: str, n_tokens: int, temperature: f
     return detokenize(vocab.decode(out), char_level)
 
 
-def sample_from_path(path: str | Path, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0) -> str:
-    """Sample from a neural checkpoint / model folder / n-gram folder (what ``rnnlab generate`` runs)."""
+def load_sampler(path: str | Path):
+    """Load a neural checkpoint / model folder / n-gram folder once ->
+    ``sample(prompt, n_tokens, temperature=1.0, seed=0) -> str``."""
     kind, target = model_kind(Path(path))
     if kind == "ngram":
         model, vocab, char_level = load_ngram(target)
-        return sample_ngram(model, vocab, prompt, n_tokens, temperature, seed, char_level)
+        return functools.partial(sample_ngram, model, vocab, char_level=char_level)
     from rnnlab.checkpoints import load_language_model
 
     model, vocab, hp = load_language_model(target)
     char_level = (hp.get("tokenizer") or {}).get("name") == "char"
-    return sample_neural(model, vocab, prompt, n_tokens, temperature, seed, char_level)
+    return functools.partial(sample_neural, model, vocab, char_level=char_level)
+
+
+def sample_from_path(path: str | Path, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0) -> str:
+    """One sample (what ``rnnlab generate`` runs)."""
+    return load_sampler(path)(prompt, n_tokens, temperature, seed)
 
 
 def prompt_ids(prompt: str, vocab: Vocab, char_level: bool) -> list[int]:

@@ -37,6 +37,7 @@ from rnnlab.config import merged_runs, parse_section, require
 from rnnlab.data.lm_data import BPTTWindows, LMDataModule, batchify
 from rnnlab.data.registry import get_corpus
 from rnnlab.errors import ConfigError, TrainingError
+from rnnlab.generate import NGRAM_FILE
 from rnnlab.io import copy_file, read_json, write_json
 from rnnlab.models.lm import LANGUAGE_MODELS
 from rnnlab.resume import ResumableLoader, ResumeCallback, ResumeDir, fit_resumable, load_checkpoint_file
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 NGRAM = "ngram"  # the count model (rnnlab.models.ngram), trained by counting instead of Lightning
 NGRAM_WORD_ORDER = 5
 NGRAM_CHAR_ORDER = 6  # best validation ppl of orders 5..10 on Tiny Shakespeare
-NGRAM_FILE = "ngram.npz"
 
 
 def model_names() -> list[str]:
@@ -307,15 +307,13 @@ def train_ngram_model(run: LMRunConfig, prepared_dir: Path, out_dir: Path, track
     wall = time.perf_counter() - started
     if not (math.isfinite(val_loss) and math.isfinite(test_loss)):
         raise TrainingError(f"{run.name}: n-gram log-probability is not finite (val {val_loss}, test {test_loss})")
-    num_params = sum(int(a.size) for arrays in (model.numerators, model.context_totals, model.context_types)
-                     for a in arrays) + sum(int(k.size) for k in model.keys[1:])
     row = {
         "val_loss": round(val_loss, 5),
         "val_ppl": round(safe_exp(val_loss), 3),
         "test_split": test_split,
         "test_loss": round(test_loss, 5),
         "test_ppl": round(safe_exp(test_loss), 3),
-        "params": num_params,  # stored counts + keys (the n-gram's "parameters")
+        "params": model.num_stored(),  # stored counts + keys (the n-gram's "parameters")
         "tokens_per_s": round(train_ids.size / max(fit_s, 1e-9), 1),  # counting speed
         "wall_s": round(wall, 1),
         "epochs": 1,
@@ -346,15 +344,16 @@ def train_ngram_model(run: LMRunConfig, prepared_dir: Path, out_dir: Path, track
 
 def log_samples(run: LMRunConfig, out_dir: Path, seed: int, tracker=None) -> list[str]:
     """``run.samples`` generated texts (prompts from :data:`SAMPLE_PROMPTS`) -> ``samples.txt`` + MLflow."""
-    from rnnlab.generate import sample_from_path
+    from rnnlab.generate import load_sampler
 
     if run.samples == 0:
         return []
+    sample = load_sampler(out_dir)  # once, not once per sample
     prompts = SAMPLE_PROMPTS["char" if run.char_level else "word"]
     texts = []
     for i in range(run.samples):
         prompt = prompts[i % len(prompts)]
-        text = sample_from_path(out_dir, prompt, 200 if run.char_level else 40, 1.0, seed + i)
+        text = sample(prompt, 200 if run.char_level else 40, 1.0, seed + i)
         sep = "" if run.char_level else " "
         texts.append(f"[{i}] prompt={prompt!r} temperature=1.0 seed={seed + i}\n{prompt}{sep}{text}\n")
     body = "\n".join(texts)

@@ -141,17 +141,14 @@ def evaluate_translation_checkpoint(model_dir: str | Path, prepared_dir: str | P
     dm = ParallelDataModule(pairs, max_len=max_len, eval_batch_size=int(config.get("eval_batch_size", 256)),
                             tokenizers=(task.src_tokenizer, task.tgt_tokenizer),
                             vocabs=(task.src_vocab, task.tgt_vocab))
-    # Only the test split is needed: encode it the way setup() does, without the train split.
-    frame = dm.split_frame("test")
-    dm.texts["test"] = frame
-    dm.datasets["test"] = dm._encode("test", frame)
+    dm.setup_split("test")
     test_loss, test_ppl = teacher_forced_perplexity(task, dm.loader("test"))
     metrics, rows = evaluate_translation(task, dm.sources("test"), dm.references("test"), beam_sizes)
     return {
         **score_row(metrics, beam_sizes),
         "test_ppl": round(test_ppl, 3), "test_loss": round(test_loss, 4),
         "params": task.num_parameters(),
-        "test_sentences": len(frame),
+        "test_sentences": len(dm.texts["test"]),
         "truncated_test_src": dm.truncated["test"]["src"],
         "beams": [{"beam": r["beam"], **{SCORE_NAMES[s]: r[s] for s in ("sacrebleu", "chrf", "tok_bleu")}}
                   for r in rows if r["beam"] > 0],

@@ -218,6 +218,17 @@ class ParallelDataModule(pl.LightningDataModule):
             self.texts[split] = frame
             self.datasets[split] = self._encode(split, frame, train_tokens if split == "train" else None)
 
+    def setup_split(self, split: str) -> None:
+        """Encode one split with the tokenizers and vocabularies passed in (inference: the train
+        split is neither needed nor tokenized)."""
+        if self.src_tokenizer is None or self.src_vocab is None:
+            raise ConfigError("setup_split: pass tokenizers= and vocabs= (they are fitted on train by setup())")
+        frame = self.split_frame(split)
+        if frame.empty:
+            raise DataError(f"parallel pairs: split {split!r} is empty or missing")
+        self.texts[split] = frame
+        self.datasets[split] = self._encode(split, frame)
+
     def _encode(self, split: str, frame: pd.DataFrame,
                 tokens: tuple[list[list[str]], list[list[str]]] | None = None) -> ParallelDataset:
         if tokens is None:

@@ -194,6 +194,12 @@ class KneserNeyLanguageModel:
         with np.errstate(divide="ignore"):
             return np.log(self.probabilities(ids)[1:])
 
+    def num_stored(self) -> int:
+        """Counts and k-gram keys held (the n-gram's "parameters")."""
+        self._check_fitted()
+        arrays = (*self.numerators, *self.context_totals, *self.context_types, *self.keys[1:])
+        return sum(int(np.asarray(a).size) for a in arrays)
+
     def perplexity(self, ids: np.ndarray) -> float:
         return float(math.exp(-float(np.mean(self.log_prob(ids)))))
 
