@@ -37,3 +37,10 @@ plots: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+## Team tracking server: PostgreSQL + `mlflow server` on 127.0.0.1 (README "Scaling"; scripts/tracking-server --help).
+## `make tracking-server` starts it; TRACKING=stop|status|restart|env, TRACKING_ARGS=--auth etc.
+TRACKING ?= start
+.PHONY: tracking-server
+tracking-server: venv
+	scripts/tracking-server $(TRACKING_ARGS) $(TRACKING)

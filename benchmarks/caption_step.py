@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from rnnlab.caption_stage import images_to_encode
+from rnnlab.stages.features import images_to_encode
 from rnnlab.data.captions import CaptionDataModule, read_flickr8k
 from rnnlab.data.images import load_image
 from rnnlab.features import encode_batch, extract_features, optimize_for_inference
 from rnnlab.models.image_encoder import build_image_encoder
-from rnnlab.tasks.caption_task import CaptioningTask
+from rnnlab.tasks.captioning import CaptioningTask
 
 DEFAULT_RAW = Path("/work/shared/corpora/flickr8k")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rnnlab.data.parallel import ParallelDataModule, read_multi30k
-from rnnlab.tasks.seq2seq_task import TranslationTask
+from rnnlab.tasks.translation import TranslationTask
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_DIR = Path(os.environ.get("RNNLAB_MIRROR", REPO.parent / "shared" / "corpora")) / "multi30k" / "raw"

@@ -19,7 +19,8 @@ import time
 import torch
 from torch import nn
 
-from rnnlab.models.lm import build_language_model, count_parameters, detach_state
+from rnnlab.models.lm import build_language_model
+from rnnlab.models.lm_parts import count_parameters, detach_state
 from rnnlab.models.lstm_cell import lstm_layer
 
 MODELS = ["rnn", "lstm", "lstm_hand", "lstm_peephole", "gru", "mlp"]

@@ -18,11 +18,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rnnlab.config import parse_section
 from rnnlab.data.lm_data import LMDataModule
-from rnnlab.lm_train import LMRunConfig, train_language_model
-from rnnlab.models.lm import build_language_model, detach_state
-from rnnlab.training import TrainerConfig, seed_everything
+from rnnlab.distributed import seed_everything
+from rnnlab.models.lm import build_language_model
+from rnnlab.models.lm_parts import detach_state
+from rnnlab.stages.train import train_stage
+from rnnlab.tasks.base import StagePaths
+from rnnlab.tasks.lm import RunConfig as LMRunConfig
+from rnnlab.tasks.lm import parse_run
 
 
 def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
@@ -64,9 +67,12 @@ def plain_loop(run: LMRunConfig, dm: LMDataModule, batches: int, seed: int) -> f
     return tokens / seconds
 
 
-def lightning_loop(run: LMRunConfig, prepared: Path, out: Path, seed: int) -> float:
-    # The stage's own function; tokens/s counts training steps only (evaluation excluded).
-    row = train_language_model(run, TrainerConfig(), prepared, out, seed)
+def lightning_loop(keys: dict, prepared: Path, out: Path, seed: int) -> float:
+    # The stage's own loop; tokens/s counts training steps only (evaluation excluded).
+    params = {"seed": seed, "tracking": {"enabled": False}, "trainer": {"checkpoint_every_n_steps": 0},
+              "train_lm": {"runs": {"bench": keys}}}
+    row = train_stage(params, "train_lm", "bench", StagePaths(prepared=prepared.parent), out / "models",
+                      out / "bench.json", out / "bench-plot.json", out / "checkpoints")
     return row["tokens_per_s"]
 
 
@@ -79,15 +85,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/rnnlab-bench"))
     args = ap.parse_args()
-    run = parse_section(LMRunConfig, dict(
-        name="bench", corpus="ptb", model="lstm", embedding_size=args.hidden, hidden_size=args.hidden,
-        batch_size=args.batch_size, limit_train_batches=args.batches, train_fraction=1.0), "bench")
+    keys = dict(corpus=args.prepared.name, model="lstm", embedding_size=args.hidden, hidden_size=args.hidden,
+                batch_size=args.batch_size, limit_train_batches=args.batches, train_fraction=1.0, samples=0)
+    run = parse_run(keys, "bench")
     # Keep evaluation out of the way: the Lightning run still validates once, excluded from tokens/s.
     dm = LMDataModule(args.prepared, run.batch_size, run.bptt, run.eval_batch_size)
     plain, light = [], []
     for r in range(args.repeats):  # interleaved, so drift in machine load hits both alike
         plain.append(plain_loop(run, dm, args.batches, seed=r))
-        light.append(lightning_loop(run, args.prepared, args.out / f"r{r}", seed=r))
+        light.append(lightning_loop(keys, args.prepared, args.out / f"r{r}", seed=r))
     best_plain, best_light = max(plain), max(light)
     peak = matmul_gflops()
     fpt = flops_per_token(run, len(dm.vocab))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from rnnlab.cli import run_stage
 from rnnlab.config import load_params
-from rnnlab.stages import download_stage
+from rnnlab.stages.download import download_stage
 
 
 def main() -> None:

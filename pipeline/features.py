@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from rnnlab.caption_stage import features_stage
+from rnnlab.stages.features import features_stage
 from rnnlab.cli import run_stage
 from rnnlab.config import load_params
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from rnnlab.cli import run_stage
 from rnnlab.config import load_params
-from rnnlab.stages import prepare_stage
+from rnnlab.stages.prepare import prepare_stage
 
 
 def main() -> None:

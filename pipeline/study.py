@@ -5,7 +5,7 @@ from pathlib import Path
 
 from rnnlab.cli import run_stage
 from rnnlab.config import load_params
-from rnnlab.study.stage import study_stage
+from rnnlab.stages.study import study_stage
 
 
 def main() -> None:

@@ -1,23 +1,7 @@
-"""DVC stage train_lm: train every (model, corpus) language model listed in params train_lm.runs."""
-
-import argparse
-from pathlib import Path
+"""DVC stage train_lm@<run>: train one language model (a run of params train_lm.runs) by truncated BPTT, or count its n-gram."""
 
 from rnnlab.cli import run_stage
-from rnnlab.config import load_params
-from rnnlab.stages import train_lm_stage
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--prepared", type=Path, required=True)
-    ap.add_argument("--models", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    ap.add_argument("--plots", type=Path, required=True)
-    args = ap.parse_args()
-    train_lm_stage(load_params(args.params), args.prepared, args.models, args.metrics, args.plots)
-
+from rnnlab.stages.train import main
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(lambda: main("train_lm", __doc__))

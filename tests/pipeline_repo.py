@@ -74,53 +74,37 @@ def copy_repo(dst: Path) -> Path:
     return dst
 
 
+def merge(base: dict, overlay: dict) -> dict:
+    """``overlay`` merged into ``base`` key by key (in place), as a profile is merged over params."""
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def tiny_params(params: dict) -> dict:
-    """PTB only (2,000-word vocabulary), a 32-unit one-layer LSTM on 5% of the train stream, one
-    epoch of 20 windows, a checkpoint every 4 steps, one thread per process."""
-    params["download"].update(corpora=["ptb"], mirror=str(MIRROR))
-    params["prepare"]["corpora"] = ["ptb"]
-    params["prepare"]["vocab"]["ptb"] = {"min_freq": 1, "max_size": 2000}  # a 5x cheaper softmax
-    params["train_lm"]["trainer"].update(num_threads=1, checkpoint_every_n_steps=4)
-    params["train_lm"]["defaults"].update(embedding_size=32, hidden_size=32, num_layers=1, train_fraction=0.05,
-                                          limit_train_batches=20, max_epochs=1)
-    params["train_lm"]["runs"] = [{"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"}]
-    if "study" in params:  # issue 3's study stage, ~5 s (README "Long-term dependencies")
-        params["study"].update(
-            gradient_flow={"embedding_size": 16, "hidden_size": 16, "window": 12, "report_lag": 10, "batch_size": 4,
-                           "num_windows": 1, "train_steps": 10, "train_batch_size": 8, "bptt": 10},
-            long_lag={"lags": [2, 5], "steps": 30, "hidden_size": 8},
-            clipping={"steps": 10, "hidden_size": 16, "batch_size": 8, "bptt": 10})
+    """The repository's ``tiny`` profile, corpora from the mirror (``RNNLAB_MIRROR`` or ../shared/corpora)."""
+    params["profile"] = "tiny"
+    params["download"]["mirror"] = str(MIRROR)
     return params
 
 
-def pipeline_tiny_params(params: dict) -> dict:
-    """Every stage, small: PTB (n-gram + LSTM), the study, Multi30k (BPE+attention vs word+none, 300
-    pairs), Flickr8k (8 images per split through the untrained-weight CNN, both decoders)."""
-    tiny_params(params)
-    corpora = ["ptb", "multi30k", "flickr8k"]
-    params["download"]["corpora"] = corpora
-    params["prepare"]["corpora"] = corpora
-    params["prepare"]["vocab"]["flickr8k"] = {"min_freq": 1, "max_size": None}  # 8 images' captions
-    params["train_lm"]["defaults"].update(embedding_size=16, hidden_size=16, batch_size=16, bptt=20,
-                                          train_fraction=0.02, limit_train_batches=10, samples=1)
-    params["train_lm"]["runs"] = [{"name": "ptb-ngram", "corpus": "ptb", "model": "ngram", "order": 3},
-                                  {"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"}]
-    params["train_seq2seq"]["defaults"].update(
-        tokenizer="bpe", bpe_vocab_size=400, embedding_size=32, hidden_size=32, max_len=20, batch_size=32,
-        max_epochs=2, limit_train_batches=8, lr=0.01, beam_sizes=[1, 2], heatmaps=2, num_threads=1,
-        max_train_pairs=300, max_val_pairs=60)
-    params["train_seq2seq"]["runs"] = [
-        {"name": "multi30k-attention", "attention": "bahdanau"},
-        {"name": "multi30k-none", "attention": "none", "tokenizer": "word", "min_freq": 2}]
-    params["features"].update(encoder="efficientnet_lite0", weights=None, batch_size=8, num_workers=0,
-                              on_bad_image="drop", limit_images=8)
-    params["train_captioner"]["defaults"].update(
-        embedding_size=16, hidden_size=32, attention_size=16, batch_size=4, max_epochs=2, min_freq=1, max_len=12,
-        lr=3e-3, beam_sizes=[1, 3], grid_images=2, eval_batch_size=8, num_threads=1)
-    params["train_captioner"]["runs"] = [{"name": "flickr8k-show_tell", "decoder": "show_tell"},
-                                         {"name": "flickr8k-soft_attention", "decoder": "soft_attention"}]
-    params["evaluate"].update(seq2seq_beam_sizes=[1, 2], caption_beam_sizes=[1, 2], sample_tokens=10)
-    return params
+# The resume/fault/DDP tests' LM profile over `tiny`: PTB only, a 32-unit one-layer LSTM on 5% of the
+# train stream, one epoch of 20 windows, a checkpoint every 4 steps, one thread per process.
+LM_ONLY = {"download": {"corpora": ["ptb"]}, "prepare": {"corpora": ["ptb"]},
+           "train_lm": {"defaults": {"embedding_size": 32, "hidden_size": 32, "batch_size": 20, "bptt": 35,
+                                     "train_fraction": 0.05, "limit_train_batches": 20, "samples": 3},
+                        "runs": {"ptb-ngram": {"enabled": False},
+                                 "ptb-lstm": {"tie_weights": False, "dropout": 0.2, "bptt": 35, "max_epochs": 1}}}}
+
+
+def edit_profile(repo: Path, overlay: dict, profile: str = "tiny") -> None:
+    """Merge ``overlay`` into ``profiles/<profile>.yaml`` of a test copy."""
+    path = repo / "profiles" / f"{profile}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    path.write_text(yaml.safe_dump(merge(data, overlay), sort_keys=False))
 
 
 def git_repo(repo: Path) -> Path:
@@ -143,6 +127,7 @@ def prepared_template() -> Path:
     atexit.register(shutil.rmtree, base, True)
     repo = copy_repo(base / "repo")
     edit_params(repo, tiny_params)
+    edit_profile(repo, LM_ONLY)
     run(["git", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "template"], repo)
@@ -158,10 +143,12 @@ def prepared_copy(dst: Path) -> Path:
     return dst
 
 
-def train_cmd(out: Path, params: str = "params.yaml") -> list[str]:
-    """The train_lm stage script writing to ``out`` instead of the DVC outputs."""
-    return [sys.executable, "pipeline/train_lm.py", "--params", params, "--prepared", "data/prepared",
-            "--models", str(out / "models"), "--metrics", str(out / "train_lm.json"), "--plots", str(out / "plots")]
+def train_cmd(out: Path, params: str = "params.yaml", run_name: str = "ptb-lstm") -> list[str]:
+    """The train_lm stage script for one run, writing to ``out`` instead of the DVC outputs
+    (metrics: ``out/<run>.json``)."""
+    return [sys.executable, "pipeline/train_lm.py", "--params", params, "--run", run_name, "--prepared",
+            "data/prepared", "--models", str(out / "models"), "--metrics", str(out / f"{run_name}.json"),
+            "--plots", str(out / "plots" / f"{run_name}.json")]
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.02):

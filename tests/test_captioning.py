@@ -16,17 +16,21 @@ import pandas as pd
 import pytest
 import torch
 
-from rnnlab.caption_eval import caption_image_files, corpus_bleu, sacrebleu_standard
-from rnnlab.caption_train import parse_caption_config, train_captioner
 from rnnlab.data.captions import CaptionDataModule, read_flickr8k
+from rnnlab.data.feature_cache import load_features
 from rnnlab.data.images import load_image, validate_images
 from rnnlab.data.vocab import Vocab
 from rnnlab.decoding import beam_search, greedy_decode
 from rnnlab.errors import ConfigError, DataError
-from rnnlab.features import encode_batch, extract_features, load_features, optimize_for_inference
+from rnnlab.features import encode_batch, extract_features, optimize_for_inference
+from rnnlab.io import read_json
+from rnnlab.metrics import corpus_bleu, sacrebleu_standard
 from rnnlab.models.captioner import ShowAndTell, ShowAttendTell, build_captioner, incremental_decoder
 from rnnlab.models.image_encoder import build_image_encoder, efficientnet_lite0_weights_path
-from rnnlab.tasks.caption_task import load_captioner
+from rnnlab.resume import ResumableLoader
+from rnnlab.stages.train import train_stage
+from rnnlab.tasks.base import StagePaths
+from rnnlab.tasks.captioning import caption_images, load, parse_run
 
 QUIRKY_ID = "2258277193_586949ec62.jpg.1"
 SPLIT_SIZES = {"train": 4, "dev": 2, "test": 2}
@@ -368,6 +372,14 @@ def test_datamodule_vocab_from_train_only_and_batches(features, subset):
     summary = dm.summary()
     assert summary["train_images"] == 4 and summary["train_captions"] == 20 and summary["test_images"] == 2
     assert summary["truncated_captions"] > 0  # max_len 8 cuts the long ones
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableLoader) and len(loader) == 2  # 4 train images, 3 per batch
+    # The wrapper draws the same shuffled batches as the plain shuffling DataLoader.
+    torch.manual_seed(5)
+    wrapped = [b.image_index.tolist() + b.inputs.flatten().tolist() for b in loader]
+    torch.manual_seed(5)
+    plain = [b.image_index.tolist() + b.inputs.flatten().tolist() for b in loader.loader]
+    assert wrapped == plain
     batch = next(iter(dm.train_dataloader()))
     assert batch.features.shape == (3, 49, 1280) and batch.features.dtype == torch.float32
     assert len(batch) == 15 and batch.image_index.tolist() == [0] * 5 + [1] * 5 + [2] * 5
@@ -422,12 +434,29 @@ def test_corpus_bleu_equals_nltk_with_five_references(real_table):
 # ---------------------------------------------------------------------------------------------
 def test_config_rejects_unknown_and_bad_keys():
     with pytest.raises(ConfigError, match=r"train_captioner\.hiden_size: unknown key"):
-        parse_caption_config({"hiden_size": 10})
+        parse_run({"hiden_size": 10})
     with pytest.raises(ConfigError, match=r"train_captioner\.decoder"):
-        parse_caption_config({"decoder": "hard_attention"})
+        parse_run({"decoder": "hard_attention"})
     with pytest.raises(ConfigError, match=r"train_captioner\.dropout"):
-        parse_caption_config({"dropout": 1.5})
-    assert parse_caption_config({"beam_sizes": [1, 3]}).beam_sizes == [1, 3]
+        parse_run({"dropout": 1.5})
+    with pytest.raises(ConfigError, match=r"train_captioner\.runs\.x\.num_threads: unknown key"):
+        parse_run({"num_threads": 1}, "train_captioner.runs.x")  # the shared trainer.num_threads now
+    assert parse_run({"beam_sizes": [1, 3]}).beam_sizes == [1, 3]
+
+
+def _train(config: dict, subset: pd.DataFrame, features, root: Path, raw: Path) -> tuple[dict, dict]:
+    """One run through the stage loop on ``subset`` (its captions as the prepared table) and the
+    fixture's feature cache; returns (metrics row, the model folder's metrics.json)."""
+    features_path, _, _ = features
+    prepared = root / "prepared"
+    (prepared / "flickr8k").mkdir(parents=True, exist_ok=True)
+    subset.to_parquet(prepared / "flickr8k" / "captions.parquet")
+    params = {"seed": 7, "tracking": {"enabled": False}, "trainer": {"num_threads": 1},
+              "train_captioner": {"defaults": {}, "runs": {"run": config}}}
+    row = train_stage(params, "train_captioner", "run",
+                      StagePaths(prepared=prepared, features=features_path.parent, raw=raw),
+                      root / "models", root / "metrics.json", root / "plots.json", root / "checkpoints")
+    return row, read_json(root / "models" / "run" / "metrics.json")
 
 
 def test_train_captioner_tiny_run_and_checkpoint_roundtrip(features, subset, flickr, tmp_path):
@@ -435,36 +464,37 @@ def test_train_captioner_tiny_run_and_checkpoint_roundtrip(features, subset, fli
     config = {"decoder": "soft_attention", "embedding_size": 16, "hidden_size": 32, "attention_size": 16,
               "batch_size": 2, "max_epochs": 2, "min_freq": 1, "max_len": 12, "beam_sizes": [1, 2],
               "grid_images": 2, "lr": 3e-3}
-    metrics = train_captioner(config, subset, features_path, tmp_path / "run", seed=7, image_dir=flickr / "images")
-    assert metrics["epochs"] == 2 and metrics["steps"] == 4
-    assert set(metrics["test"]) == {"greedy", "beam2"}
+    row, metrics = _train(config, subset, features, tmp_path / "a", flickr.parent)
+    assert metrics["epochs"] == row["epochs"] == 2 and metrics["steps"] == row["steps"] == 4
+    assert set(metrics["test"]) == set(row["bleu"]) == {"greedy", "beam2"}
     for scores in metrics["test"].values():
         assert set(scores) >= {"bleu1", "bleu2", "bleu3", "bleu4", "sacrebleu", "sacrebleu_signature"}
         assert 0.0 <= scores["bleu4"] <= scores["bleu1"] <= 100.0
     assert metrics["best_val_loss"] == pytest.approx(min(h["val/loss"] for h in metrics["history"]), abs=1e-4)
+    assert row["best_val_loss"] == metrics["best_val_loss"]
     for key in ("samples_png", "attention_png"):
         png = Path(metrics["artifacts"][key])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
-    task = load_captioner(metrics["artifacts"]["model"])
+    task = load(metrics["artifacts"]["model"])
     assert task.vocab is not None and len(task.vocab) == metrics["data"]["vocab_size"]
+    assert load(row["model_path"]).vocab.fingerprint() == task.vocab.fingerprint()  # a folder loads too
     dm = CaptionDataModule(subset, features_path, index_path, vocab=task.vocab, max_len=12)
     dm.setup()
     names, feats = next(dm.image_batches("test"))
-    again = load_captioner(metrics["artifacts"]["model"])
+    again = load(metrics["artifacts"]["model"])
     assert task.caption(feats).tokens == again.caption(feats).tokens
     # A new image file goes through the same encoder + float16 rounding as the cache.
     model_path = metrics["artifacts"]["model"]
-    texts = caption_image_files(model_path, [flickr / "images" / names[0]], beam_size=1)
+    texts = caption_images(model_path, [flickr / "images" / names[0]], beam_size=1)
     assert texts == [task.tokenizer.detokenize(task.caption(feats[:1]).tokens[0])]
     (tmp_path / "notes.jpg").write_text("not a picture", encoding="utf-8")
     with pytest.raises(DataError, match="notes.jpg: not an image"):
-        caption_image_files(model_path, [tmp_path / "notes.jpg"])
+        caption_images(model_path, [tmp_path / "notes.jpg"])
     # Same seed, same data: a second run is bitwise identical on CPU.
-    rerun = train_captioner({**config, "beam_sizes": [1], "grid_images": 0}, subset, features_path,
-                            tmp_path / "rerun", seed=7)
+    rerun, _ = _train({**config, "beam_sizes": [1], "grid_images": 0}, subset, features, tmp_path / "b", flickr.parent)
     assert rerun["best_val_loss"] == metrics["best_val_loss"]
-    assert rerun["test"]["greedy"]["bleu1"] == metrics["test"]["greedy"]["bleu1"]
+    assert rerun["bleu"]["greedy"]["bleu1"] == metrics["test"]["greedy"]["bleu1"]
 
     with pytest.raises(ConfigError, match="feature cache"):
-        train_captioner({**config, "encoder": "resnet18"}, subset, features_path, tmp_path / "bad", seed=7)
+        _train({**config, "encoder": "resnet18"}, subset, features, tmp_path / "bad", flickr.parent)

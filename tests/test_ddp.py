@@ -25,15 +25,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_repo import edit_params, prepared_copy, run, start, step_checkpoints, train_cmd, wait_for
+from pipeline_repo import edit_profile, prepared_copy, run, start, step_checkpoints, train_cmd, wait_for
 from rnnlab.data.lm_data import batchify
 
+pytestmark = pytest.mark.slow
 
-def _profile(strategy: dict):
-    def edit(params):
-        params["train_lm"]["trainer"].update(accelerator="cpu", **strategy)
-        params["train_lm"]["defaults"].update(batch_size=16, dropout=0.0)
-    return edit
+
+def _profile(strategy: dict) -> dict:
+    return {"trainer": {"accelerator": "cpu", **strategy},
+            "train_lm": {"defaults": {"batch_size": 16}, "runs": {"ptb-lstm": {"dropout": 0.0}}}}
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +41,20 @@ def runs(tmp_path_factory):
     """The DDP run is killed (both processes, SIGKILL) after its step-8 checkpoint and resumed."""
     base = tmp_path_factory.mktemp("ddp")
     repo = prepared_copy(base / "repo")
-    edit_params(repo, _profile({"strategy": "ddp", "devices": 2}))
+    edit_profile(repo, _profile({"strategy": "ddp", "devices": 2}))
     killed = start(train_cmd(base / "ddp"), repo)
     wait_for(lambda: 8 in step_checkpoints(repo), 300, "the step-8 checkpoint", killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=60)
     ddp = run(train_cmd(base / "ddp"), repo)
     assert "Restoring states from the checkpoint path at data/checkpoints/train_lm/ptb-lstm/step-" in ddp.stderr
-    edit_params(repo, _profile({"strategy": "auto", "devices": 1}))
+    edit_profile(repo, _profile({"strategy": "auto", "devices": 1}))
     single = run(train_cmd(base / "single"), repo)
     return repo, base, ddp, single
 
 
 def _row(base, name) -> dict:
-    return json.loads((base / name / "train_lm.json").read_text())["ptb"]["lstm"]
+    return json.loads((base / name / "ptb-lstm.json").read_text())
 
 
 def test_each_rank_trains_on_its_own_block_of_columns(runs):
@@ -75,7 +75,7 @@ def test_only_rank_zero_tracks_and_writes(runs):
 
     repo, base, ddp, _ = runs
     assert "rank 1: trained and evaluated its shard; rank 0 writes the outputs" in ddp.stderr
-    assert len(re.findall(r"INFO rnnlab.lm_train: ptb-lstm: \{", ddp.stderr)) == 1  # the writer's summary line
+    assert len(re.findall(r"INFO rnnlab.stages.train: train_lm@ptb-lstm: \{", ddp.stderr)) == 1  # the writer's line
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     runs_ = client.search_runs([client.get_experiment_by_name("rnnlab-lm").experiment_id],
                                order_by=["attributes.start_time ASC"])
@@ -85,7 +85,7 @@ def test_only_rank_zero_tracks_and_writes(runs):
     assert tracked.data.params["trainer.strategy"] == "ddp" and tracked.data.params["trainer.devices"] == "2"
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "val/ppl")] == [1]
     written = sorted(p.name for p in (base / "ddp" / "models" / "ptb-lstm").iterdir())
-    assert written == ["history.json", "model.ckpt", "neighbours.json", "samples.txt"]
+    assert written == ["history.json", "model.ckpt", "neighbours.json", "samples.txt", "vocab.json"]
 
 
 def test_ddp_matches_single_process_with_the_same_global_batch(runs):

@@ -13,7 +13,7 @@ from rnnlab.errors import ConfigError
 
 
 def test_table_reproduces_training(lm_store):  # noqa: F811
-    trained = json.loads((lm_store.root / "data/metrics/train_lm.json").read_text())["ptb"]["lstm"]
+    trained = json.loads((lm_store.root / "data/metrics/train_lm/ptb-lstm.json").read_text())
     table = json.loads((lm_store.root / "data/metrics/evaluate.json").read_text())
     row = table["lm"]["ptb"]["lstm"]
     assert row["split"] == "test" and row["metric"] == "ppl"
@@ -25,12 +25,12 @@ def test_table_reproduces_training(lm_store):  # noqa: F811
     assert row["registered_model"] == "rnnlab-lm-ptb-lstm/1"
     assert row["tokens"] == 82420  # PTB test: 82,430 tokens incl. <eos>, minus the batchify remainder + shift
     ngram, trained_ngram = table["lm"]["ptb"]["ngram"], json.loads(
-        (lm_store.root / "data/metrics/train_lm.json").read_text())["ptb"]["ngram"]
+        (lm_store.root / "data/metrics/train_lm/ptb-ngram.json").read_text())
     assert ngram["test_ppl"] == pytest.approx(trained_ngram["test_ppl"], rel=1e-4)
     assert ngram["tokens"] == 82429 and "bptt" not in ngram  # every position of the stream but the first
     assert ngram["registered_model"] == "rnnlab-lm-ptb-ngram/1"
     assert set(table["skipped"]) == {"translation", "captioning"}
-    assert "train_seq2seq.json" in table["skipped"]["translation"]
+    assert table["skipped"]["translation"] == "params train_seq2seq absent"
 
 
 def test_report_and_plots(lm_store):  # noqa: F811
@@ -61,7 +61,7 @@ def test_mlflow_evaluation_run_links_training_run(lm_store):  # noqa: F811
 
 
 def test_bad_evaluate_params_name_the_key():
-    from rnnlab.evaluate_stage import parse_evaluate_config
+    from rnnlab.stages.evaluate import parse_evaluate_config
 
     with pytest.raises(ConfigError, match="evaluate.seq2seq_beam_sizes"):
         parse_evaluate_config({"evaluate": {"seq2seq_beam_sizes": [0]}})

@@ -22,56 +22,58 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_repo import REPO, RUN_DIR, prepared_copy, run, start, step_checkpoints, wait_for
+from pipeline_repo import REPO, RUN_DIR, edit_profile, prepared_copy, run, start, step_checkpoints, wait_for
 from rnnlab.errors import RnnlabError, TrainingError
 from rnnlab.io import OutputWriteError, copy_file, write_json, write_npy
 from rnnlab.resume import AtomicCheckpointIO, ResumeDir
 from rnnlab.tracking import MlflowTracker, scrub, tracked_run
 
-TINY = dict(name="tiny", corpus="ptb", model="lstm", embedding_size=32, hidden_size=32, num_layers=1,
-            dropout=0.0, batch_size=16, bptt=20, lr=20.0, train_fraction=0.05, limit_train_batches=30)
+TINY = dict(model="lstm", embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, batch_size=16, bptt=20,
+            lr=20.0, train_fraction=0.05, limit_train_batches=30)
 
 
 # -- NaN loss --------------------------------------------------------------------------------------
 def test_nan_loss_stops_training_and_marks_the_run_failed(prepared_ptb, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from rnnlab.config import parse_section
-    from rnnlab.lm_train import LMRunConfig, train_language_model
-    from rnnlab.models.lm import LSTMLanguageModel
-    from rnnlab.training import TrainerConfig
+    from lm_helpers import lm_params
+    from rnnlab.models.lm import RecurrentLanguageModel
+    from rnnlab.stages.train import train_stage
+    from rnnlab.tasks.base import StagePaths
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default store: ./mlflow.db
     calls = {"n": 0}
-    forward = LSTMLanguageModel.forward
+    forward = RecurrentLanguageModel.forward
 
     def diverging(self, tokens, state=None):
         logits, state = forward(self, tokens, state)
         calls["n"] += 1
         return (logits * float("nan") if calls["n"] >= 7 else logits), state
 
-    monkeypatch.setattr(LSTMLanguageModel, "forward", diverging)
-    run_cfg = parse_section(LMRunConfig, TINY, "run")
-    resume = ResumeDir(tmp_path / "checkpoints" / "tiny", {"run": TINY})
+    monkeypatch.setattr(RecurrentLanguageModel, "forward", diverging)
+    params = lm_params({"tiny": {"corpus": "ptb", **TINY}}, seed=7, trainer={"checkpoint_every_n_steps": 2})
+    params["tracking"] = {"enabled": True}
+    params["train_lm"]["experiment"] = "faults"
     with pytest.raises(TrainingError, match=r"train loss is nan at step 6 \(epoch 0\)"):
-        with tracked_run("train_lm/tiny", "train_lm", experiment="faults", root=tmp_path,
-                         params={"prepared": str(prepared_ptb), "seed": 7},
-                         data_deps=[prepared_ptb / "train.npy"]) as tracker:
-            train_language_model(run_cfg, TrainerConfig(checkpoint_every_n_steps=2), prepared_ptb,
-                                 tmp_path / "out", 7, tracker, resume=resume)
+        train_stage(params, "train_lm", "tiny", StagePaths(prepared=prepared_ptb.parent), tmp_path / "out",
+                    tmp_path / "tiny.json", tmp_path / "tiny-plot.json", tmp_path / "checkpoints")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (failed,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     assert failed.info.status == "FAILED"
     assert "TrainingError: train loss is nan at step 6" in failed.data.tags["rnnlab.error"]
     # The last good checkpoint (step 6: the loss check runs before any NaN reaches the weights) stays.
+    resume = ResumeDir(tmp_path / "checkpoints" / "train_lm" / "tiny",
+                       json.loads((tmp_path / "checkpoints/train_lm/tiny/state.json").read_text())["identity"])
     assert resume.latest_checkpoint() == resume.step_path(6)
     weights = torch.load(resume.step_path(6), weights_only=True)["state_dict"]
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert not (tmp_path / "out" / "model.ckpt").exists()
+    assert not (tmp_path / "out" / "tiny" / "model.ckpt").exists() and not (tmp_path / "tiny.json").exists()
     # No absolute path of the machine in what was logged.
-    assert failed.data.params["prepared"] == "<abs>/ptb"
-    assert [k for k in failed.data.tags if k.startswith("data_md5.")] == ["data_md5.ext/ptb/train.npy"]
+    assert sorted(k for k in failed.data.tags if k.startswith("data_md5.")) == [
+        "data_md5.ext/ptb/train.npy", "data_md5.ext/ptb/valid.npy", "data_md5.ext/ptb/vocab.json"]
     assert not [v for v in failed.data.params.values() if v.startswith("/")]
+    assert failed.data.tags["dvc_stage"] == "train_lm@tiny"
 
 
 # -- disk full -------------------------------------------------------------------------------------
@@ -145,14 +147,18 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 
 
 # -- two dvc repro at once -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_second_dvc_repro_fails_clearly_on_the_lock_and_corrupts_nothing(tmp_path):
     repo = prepared_copy(tmp_path / "repo")
+    # Far more steps than the second repro needs to fail on the lock: the SIGINT below lands in training.
+    edit_profile(repo, {"train_lm": {"runs": {"ptb-lstm": {"max_epochs": 200}}}})
+    run(["dvc", "repro", "prepare"], repo)  # the profile is a dep of every stage: bring them up to date first
     lock_before = (repo / "dvc.lock").read_text()
-    first = start(["dvc", "repro", "train_lm"], repo)
+    first = start(["dvc", "repro", "train_lm@ptb-lstm"], repo)
     wait_for(lambda: step_checkpoints(repo), 300, "train_lm to be training", first)
     second = run(["dvc", "repro"], repo, check=False)
     assert second.returncode != 0
-    assert re.search(r"is busy, it is being blocked by:\s+\(PID \d+\): .*dvc repro train_lm", second.stderr), second.stderr
+    assert re.search(r"is busy, it is being blocked by:\s+\(PID \d+\): .*dvc repro train_lm@ptb-lstm", second.stderr), second.stderr
     assert first.poll() is None  # the first one was left alone ...
     os.killpg(first.pid, signal.SIGINT)  # ... until stopped the way a user would, to save time here
     out, err = first.communicate(timeout=300)
@@ -163,8 +169,8 @@ def test_second_dvc_repro_fails_clearly_on_the_lock_and_corrupts_nothing(tmp_pat
     assert not rwlock.get("read") and not rwlock.get("write")
     resume = ResumeDir(repo / RUN_DIR, json.loads((repo / RUN_DIR / "state.json").read_text())["identity"])
     assert resume.latest_checkpoint() is not None
-    status = run(["dvc", "status", "train_lm"], repo).stdout
-    assert re.findall(r"^(\w+):", status, re.M) == ["train_lm"]  # only the interrupted stage is pending
+    status = run(["dvc", "status", "train_lm@ptb-lstm"], repo).stdout
+    assert re.findall(r"^([\w@-]+):", status, re.M) == ["train_lm@ptb-lstm"]  # only the interrupted stage
 
 
 # -- MLflow tracking server unreachable / going away -----------------------------------------------
@@ -215,7 +221,41 @@ class FlakyClient:
         self.status = status
 
 
-def test_tracker_queues_while_the_server_is_away_and_resends_in_order(caplog):
+def test_run_ending_during_an_outage_arrives_when_the_server_is_back(caplog, monkeypatch):
+    """close() keeps retrying for RNNLAB_MLFLOW_CLOSE_WAIT_S: a server restarting while the run
+    ends gets the tail and the FINISHED status. Synchronised on the tracker's own waiting message."""
+    import threading
+
+    monkeypatch.setenv("RNNLAB_MLFLOW_CLOSE_WAIT_S", "30")
+    client = FlakyClient()
+    tracker = MlflowTracker(client, "run1", "http://127.0.0.1:5000", retry_interval_s=0.0)
+    client.down = True
+    tracker.log_metrics({"val/ppl": 700.0}, step=3)
+    waiting = threading.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record):
+            if "retrying for up to" in record.getMessage():
+                waiting.set()
+
+    handler = Watch()
+    logging.getLogger("rnnlab.tracking").addHandler(handler)
+    try:
+        def back_up():
+            assert waiting.wait(20)
+            client.down = False
+
+        thread = threading.Thread(target=back_up)
+        thread.start()
+        tracker.close("FINISHED")
+        thread.join()
+    finally:
+        logging.getLogger("rnnlab.tracking").removeHandler(handler)
+    assert client.status == "FINISHED" and client.metrics == [("val/ppl", 3)] and tracker.queued_calls == 0
+
+
+def test_tracker_queues_while_the_server_is_away_and_resends_in_order(caplog, monkeypatch):
+    monkeypatch.setenv("RNNLAB_MLFLOW_CLOSE_WAIT_S", "0")  # a server that never comes back: report at once
     client = FlakyClient()
     tracker = MlflowTracker(client, "run1", "http://127.0.0.1:5000", retry_interval_s=0.0)
     tracker.log_metrics({"val/ppl": 900.0}, step=1)
@@ -271,7 +311,8 @@ def test_every_checkpoint_load_is_weights_only():
 
 def test_services_bind_localhost_only():
     texts = {p: p.read_text(encoding="utf-8") for p in [REPO / "Makefile", REPO / "README.md", *_python_files(),
-                                                         *(REPO / "tests").glob("*.py")]}
+                                                         *(REPO / "tests").glob("*.py"),
+                                                         *(REPO / "scripts").glob("*")]}
     commands = [(p, line) for p, text in texts.items() for line in text.splitlines()
                 if re.search(r"mlflow[\"',\s]+(ui|server)\b", line) and "--host" in line]
     assert commands, "expected the mlflow ui/server command lines"

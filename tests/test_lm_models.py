@@ -8,17 +8,16 @@ import torch
 from torch import nn
 
 from rnnlab.errors import ConfigError
-from rnnlab.models.lm import LANGUAGE_MODELS, LSTMLanguageModel, build_language_model, count_parameters, detach_state
+from rnnlab.models.lm import LANGUAGE_MODELS, RecurrentLanguageModel, build_language_model
+from rnnlab.models.lm_parts import count_parameters, detach_state
 from rnnlab.models.lstm_cell import (
     HandLSTMLayer,
-    HandLSTMLanguageModel,
-    PeepholeLSTMLanguageModel,
     lstm_cell,
     lstm_layer,
     lstm_layer_autograd,
 )
 from rnnlab.models.mlp_lm import MLPLanguageModel
-from rnnlab.models.rnn import ElmanRNNLanguageModel, ElmanRNNLayer, elman_rnn_layer
+from rnnlab.models.rnn import ElmanRNNLayer, elman_rnn_layer
 from rnnlab.study.long_lag import single_threaded
 
 VOCAB = 23
@@ -44,7 +43,7 @@ def _run_lm(model, tokens, targets, state):
 def test_elman_rnn_matches_torch_rnn_outputs_and_gradients():
     torch.manual_seed(0)
     seq, batch, emb, hidden, layers = 7, 3, 5, 6, 2
-    model = ElmanRNNLanguageModel(VOCAB, embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
+    model = RecurrentLanguageModel(VOCAB, core="rnn", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
     ref_rnn = nn.RNN(emb, hidden, layers, nonlinearity="tanh")
     ref_emb = nn.Embedding(VOCAB, emb)
     with torch.no_grad():
@@ -78,17 +77,19 @@ def test_elman_rnn_matches_torch_rnn_outputs_and_gradients():
 
 
 def test_elman_rnn_uses_the_lecture_parameter_names_and_shapes():
-    model = ElmanRNNLanguageModel(VOCAB, embedding_size=5, hidden_size=6, num_layers=1)
+    model = RecurrentLanguageModel(VOCAB, core="rnn", embedding_size=5, hidden_size=6, num_layers=1, dropout=0.0)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     assert shapes == {
         "embedding.weight": (VOCAB, 5),
-        "layers.0.U": (6, 5),  # p x d
-        "layers.0.W": (6, 6),  # p x p
-        "layers.0.b": (6,),
-        "V": (VOCAB, 6),  # q x p
-        "c": (VOCAB,),
+        "rnn.layers.0.U": (6, 5),  # p x d
+        "rnn.layers.0.W": (6, 6),  # p x p
+        "rnn.layers.0.b": (6,),
+        "decoder.weight": (VOCAB, 6),  # V: q x p (the shell's output layer)
+        "decoder.bias": (VOCAB,),  # c
     }
-    tied = ElmanRNNLanguageModel(VOCAB, embedding_size=6, hidden_size=6, tie_weights=True)
+    assert model.V.shape == (VOCAB, 6) and model.c.shape == (VOCAB,)
+    tied = RecurrentLanguageModel(VOCAB, core="rnn", embedding_size=6, hidden_size=6, num_layers=1, dropout=0.0,
+                                  tie_weights=True)
     assert tied.V is tied.embedding.weight
     # embedding (= V) + U + W + b + c, the tied matrix counted once
     assert count_parameters(tied) == VOCAB * 6 + 6 * 6 + 6 * 6 + 6 + VOCAB
@@ -111,8 +112,8 @@ def test_gradcheck_elman_layer_float64():
 def test_hand_lstm_without_peepholes_matches_torch_lstm_outputs_and_gradients():
     torch.manual_seed(0)
     seq, batch, emb, hidden, layers = 6, 3, 5, 4, 2
-    ref = LSTMLanguageModel(VOCAB, embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
-    hand = HandLSTMLanguageModel(VOCAB, embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
+    ref = RecurrentLanguageModel(VOCAB, core="lstm", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
+    hand = RecurrentLanguageModel(VOCAB, core="lstm_hand", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
     with torch.no_grad():
         hand.embedding.weight.copy_(ref.embedding.weight)
         hand.decoder.weight.copy_(ref.decoder.weight)
@@ -239,7 +240,7 @@ def test_mlp_predicts_from_exactly_its_n_minus_1_predecessors():
 
 def test_mlp_rejects_bad_context_size():
     with pytest.raises(ConfigError, match="context_size"):
-        MLPLanguageModel(VOCAB, context_size=0)
+        MLPLanguageModel(VOCAB, embedding_size=4, hidden_size=4, dropout=0.0, context_size=0)
 
 
 # ---------------------------------------------------------------- every registry model
@@ -252,7 +253,8 @@ NEW_MODELS = ["rnn", "lstm_hand", "lstm_peephole", "mlp"]
 def test_registry_models_carry_state_across_windows(name):
     """Reading a stream in two windows with the carried state == reading it in one."""
     torch.manual_seed(5)
-    model = build_language_model(name, VOCAB, embedding_size=8, hidden_size=8, dropout=0.3).eval()
+    model = build_language_model(name, VOCAB, embedding_size=8, hidden_size=8, num_layers=1 if name == "mlp" else 2,
+                                 dropout=0.3).eval()
     assert model.hparams["vocab_size"] == VOCAB
     rebuilt = build_language_model(name, **model.hparams)
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())
@@ -286,9 +288,18 @@ def test_registry_models_overfit_one_batch(name):
 @pytest.mark.parametrize("name", NEW_MODELS)
 def test_bad_hparams_name_the_key(name):
     with pytest.raises(ConfigError, match="dropout"):
-        build_language_model(name, VOCAB, dropout=-0.1)
+        build_language_model(name, VOCAB, embedding_size=4, hidden_size=4, num_layers=1, dropout=-0.1)
     with pytest.raises(ConfigError, match="hidden_size"):
-        build_language_model(name, VOCAB, hidden_size=0)
+        build_language_model(name, VOCAB, embedding_size=4, hidden_size=0, num_layers=1, dropout=0.0)
+
+
+def test_model_sizes_have_no_defaults_of_their_own():
+    """The run config (rnnlab.tasks.lm.RunConfig) is the one place of every default: a model built
+    without its sizes is an error, not a silent second default."""
+    with pytest.raises(TypeError, match="hidden_size"):
+        build_language_model("lstm", VOCAB, embedding_size=4, num_layers=1, dropout=0.0)
+    with pytest.raises(TypeError, match="embedding_size"):
+        build_language_model("mlp", VOCAB, hidden_size=4, dropout=0.0)
 
 
 def test_unknown_model_lists_the_valid_names():
@@ -300,7 +311,23 @@ def test_unknown_model_lists_the_valid_names():
 
 
 def test_peephole_model_has_three_diagonal_weight_vectors_per_layer():
-    peep = PeepholeLSTMLanguageModel(VOCAB, embedding_size=5, hidden_size=6, num_layers=2)
-    hand = HandLSTMLanguageModel(VOCAB, embedding_size=5, hidden_size=6, num_layers=2)
+    peep = RecurrentLanguageModel(VOCAB, core="lstm_peephole", embedding_size=5, hidden_size=6, num_layers=2, dropout=0.0)
+    hand = RecurrentLanguageModel(VOCAB, core="lstm_hand", embedding_size=5, hidden_size=6, num_layers=2, dropout=0.0)
     assert count_parameters(peep) - count_parameters(hand) == 2 * 3 * 6
-    assert peep.hparams["peepholes"] is True and hand.hparams["peepholes"] is False
+    assert peep.hparams["core"] == "lstm_peephole" and hand.hparams["core"] == "lstm_hand"
+    assert all(layer.peephole is not None for layer in peep.layers)
+    assert all(layer.peephole is None for layer in hand.layers)
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru", "rnn", "lstm_hand", "lstm_peephole"])
+def test_one_shell_for_every_recurrent_core(core):
+    """Embedding, dropout, output layer, tying and init are the shell's: the same for every core."""
+    torch.manual_seed(0)
+    tied = build_language_model(core, VOCAB, embedding_size=8, hidden_size=8, num_layers=2, dropout=0.2,
+                                tie_weights=True)
+    assert isinstance(tied, RecurrentLanguageModel) and tied.decoder.weight is tied.embedding.weight
+    assert tied.V is tied.decoder.weight and tied.c is tied.decoder.bias
+    assert float(tied.c.detach().abs().sum()) == 0.0 and float(tied.embedding.weight.detach().abs().max()) <= 0.1
+    with pytest.raises(ConfigError, match="tie_weights needs embedding_size == hidden_size"):
+        build_language_model(core, VOCAB, embedding_size=8, hidden_size=6, num_layers=1, dropout=0.0,
+                             tie_weights=True)

@@ -6,20 +6,19 @@ import math
 
 import pytest
 
+from lm_helpers import lm_params, train_lm_run
 from rnnlab.cli import generate_command
-from rnnlab.config import parse_section
 from rnnlab.errors import ConfigError
-from rnnlab.evaluate import evaluate_language_model
-from rnnlab.lm_train import LMRunConfig, TrainLMConfig, log_samples, train_ngram_model
-from rnnlab.training import TrainerConfig
+from rnnlab.stages.train import parse_runs, train_stage
+from rnnlab.tasks.base import StagePaths
+from rnnlab.tasks.lm import score
 
 
 @pytest.fixture(scope="module")
 def ngram_run(prepared_ptb, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ngram") / "ptb-ngram"
-    run = parse_section(LMRunConfig, {"name": "ptb-ngram", "corpus": "ptb", "model": "ngram", "order": 3}, "run")
-    row = train_ngram_model(run, prepared_ptb, out)
-    return run, out, row
+    base = tmp_path_factory.mktemp("ngram")
+    row = train_lm_run(prepared_ptb, base, "ptb-ngram", seed=1, model="ngram", order=3)
+    return base, base / "models" / "ptb-ngram", row
 
 
 def test_ngram_row_and_files(ngram_run):
@@ -34,38 +33,36 @@ def test_ngram_row_and_files(ngram_run):
 
 def test_evaluate_reproduces_ngram_test_ppl(ngram_run, prepared_ptb):
     _, out, row = ngram_run
-    result = evaluate_language_model(out, prepared_ptb, batch_size=10, bptt=35)
+    result = score(out, prepared_ptb, batch_size=10, bptt=35)
     assert result["split"] == "test" and result["tokens"] == 82430 - 1
     assert result["ppl"] == pytest.approx(row["test_ppl"], abs=1e-3)
     assert result["loss"] == pytest.approx(row["test_loss"], abs=1e-5)
 
 
 def test_generate_from_ngram_folder(ngram_run):
-    run, out, _ = ngram_run
+    _, out, _ = ngram_run
     text = generate_command(str(out), "the stock", 20, 1.0, 3)
     assert len(text.split()) >= 15  # 20 tokens, a few may be <eos> line breaks
     assert text == generate_command(str(out), "the stock", 20, 1.0, 3)  # seeded
     assert text != generate_command(str(out), "the stock", 20, 1.0, 4)
-    samples = log_samples(run, out, seed=1)
-    assert len(samples) == 3 and (out / "samples.txt").read_text().count("prompt=") == 3
+    samples = (out / "samples.txt").read_text()
+    assert samples.count("prompt=") == 3 and "seed=1\nthe " in samples  # the run's seed, first prompt "the"
 
 
 @pytest.mark.parametrize(
     "override, key",
     [
-        ({"model": "transformer"}, "train_lm.runs[0].model"),
-        ({"corpus": "multi30k"}, "train_lm.runs[0].corpus"),
-        ({"corpus": "nosuch"}, "train_lm.runs[0].corpus"),
-        ({"model": "ngram", "order": 0}, "train_lm.runs[0].order"),
-        ({"dropout": -0.1}, "train_lm.runs[0].dropout"),
-        ({"bptt": 0}, "train_lm.runs[0].bptt"),
+        ({"model": "transformer"}, "train_lm.runs.r.model"),
+        ({"corpus": "multi30k"}, "train_lm.runs.r.corpus"),
+        ({"corpus": "nosuch"}, "train_lm.runs.r.corpus"),
+        ({"model": "ngram", "order": 0}, "train_lm.runs.r.order"),
+        ({"dropout": -0.1}, "train_lm.runs.r.dropout"),
+        ({"bptt": 0}, "train_lm.runs.r.bptt"),
     ],
 )
 def test_bad_run_params_name_the_key(override, key):
-    cfg = TrainLMConfig(trainer=TrainerConfig(), defaults={}, runs=[{"name": "r", "corpus": "ptb", "model": "lstm",
-                                                                    **override}])
     with pytest.raises(ConfigError) as err:
-        cfg.run_configs()
+        parse_runs(lm_params({"r": {"corpus": "ptb", "model": "lstm", **override}}), "train_lm")
     assert str(err.value).startswith(key)
     if override.get("model") == "transformer":
         assert "lstm_peephole" in str(err.value) and "ngram" in str(err.value)
@@ -73,27 +70,36 @@ def test_bad_run_params_name_the_key(override, key):
         assert "tinyshakespeare" in str(err.value) and "wikitext2" in str(err.value)
 
 
-def test_train_lm_runs_table_with_ngram_and_neural(prepared_ptb, tmp_path):
-    from rnnlab.lm_train import parse_train_lm_config, train_lm_runs
-
-    cfg = parse_train_lm_config({
-        "trainer": {"progress_bar": False, "checkpoint_every_n_steps": 0},
-        "defaults": {"embedding_size": 16, "hidden_size": 16, "num_layers": 1, "dropout": 0.0, "bptt": 20,
-                     "batch_size": 16, "train_fraction": 0.02, "limit_train_batches": 10, "samples": 2},
-        "runs": [{"name": "ptb-ngram", "corpus": "ptb", "model": "ngram", "order": 2},
-                 {"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"}],
-    })
+def test_stage_loop_rows_for_ngram_and_neural(prepared_ptb, tmp_path):
+    """Two runs of one section through the stage loop: each writes its own row, plot and model folder."""
+    defaults = {"embedding_size": 16, "hidden_size": 16, "num_layers": 1, "dropout": 0.0, "bptt": 20,
+                "batch_size": 16, "train_fraction": 0.02, "limit_train_batches": 10, "samples": 2}
+    params = lm_params({"ptb-ngram": {"corpus": "ptb", "model": "ngram", "order": 2},
+                        "ptb-lstm": {"corpus": "ptb", "model": "lstm"}}, seed=3,
+                       trainer={"checkpoint_every_n_steps": 0}, defaults=defaults)
     models = tmp_path / "models"
-    table = train_lm_runs(cfg, 3, False, prepared_ptb.parent, models, tmp_path / "train_lm.json", tmp_path / "plots",
-                          tmp_path / "ckpt")
-    assert json.loads((tmp_path / "train_lm.json").read_text()) == table
-    assert set(table["ptb"]) == {"ngram", "lstm"}
-    for row in table["ptb"].values():
-        assert {"val_ppl", "test_ppl", "params", "tokens_per_s", "wall_s", "mlflow_run_id"} <= set(row)
-    assert table["ptb"]["ngram"]["test_ppl"] < table["ptb"]["lstm"]["test_ppl"]  # 10 steps of a 16-unit LSTM
+    rows = {}
+    for name in ("ptb-ngram", "ptb-lstm"):
+        rows[name] = train_stage(params, "train_lm", name, StagePaths(prepared=prepared_ptb.parent), models,
+                                 tmp_path / "metrics" / f"{name}.json", tmp_path / "plots" / f"{name}.json",
+                                 tmp_path / "ckpt")
+        assert json.loads((tmp_path / "metrics" / f"{name}.json").read_text()) == rows[name]
+        assert {"val_ppl", "test_ppl", "params", "tokens_per_s", "wall_s", "stage_wall_s", "mlflow_run_id"} <= set(
+            rows[name])
+        assert not (tmp_path / "ckpt" / "train_lm" / name).exists()  # the resume folder goes once outputs exist
+    assert rows["ptb-ngram"]["model"] == "ngram" and rows["ptb-lstm"]["corpus"] == "ptb"
+    assert rows["ptb-ngram"]["test_ppl"] < rows["ptb-lstm"]["test_ppl"]  # 10 steps of a 16-unit LSTM
     assert (models / "ptb-lstm" / "samples.txt").read_text().count("prompt=") == 2
     neighbours = json.loads((models / "ptb-lstm" / "neighbours.json").read_text())
     assert len(neighbours["money"]) == 8 and all(-1 <= s <= 1 for _, s in neighbours["money"])
-    budget = json.loads((models / "budget.json").read_text())
-    assert set(budget["runs"]) == {"ptb-ngram", "ptb-lstm"} and budget["wall_s"] > 0
-    assert json.loads((tmp_path / "plots" / "ptb-ngram.json").read_text())[0]["val_ppl"] > 1
+    curve = json.loads((tmp_path / "plots" / "ptb-ngram.json").read_text())
+    assert curve[0]["val_ppl"] == pytest.approx(rows["ptb-ngram"]["val_ppl"], rel=1e-4)
+
+
+def test_disabled_run_writes_a_row_saying_so(prepared_ptb, tmp_path):
+    params = lm_params({"off": {"corpus": "ptb", "model": "lstm", "enabled": False}})
+    row = train_stage(params, "train_lm", "off", StagePaths(prepared=prepared_ptb.parent), tmp_path / "models",
+                      tmp_path / "off.json", tmp_path / "off-plot.json", tmp_path / "ckpt")
+    assert row["enabled"] is False and "train_lm.runs.off.enabled is false" in row["reason"]
+    assert json.loads((tmp_path / "off.json").read_text()) == row
+    assert not (tmp_path / "models" / "off" / "model.ckpt").exists()

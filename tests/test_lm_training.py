@@ -6,27 +6,18 @@ import math
 
 import pytest
 
-from rnnlab.config import parse_section
-from rnnlab.evaluate import evaluate_language_model
-from rnnlab.lm_train import LMRunConfig, train_language_model
-from rnnlab.training import TrainerConfig
+from lm_helpers import train_lm_run
+from rnnlab.tasks.lm import score
 
-TINY = dict(name="tiny", corpus="ptb", model="lstm", embedding_size=32, hidden_size=32, num_layers=1,
-            dropout=0.0, batch_size=16, bptt=20, lr=20.0, train_fraction=0.05, limit_train_batches=60)
-
-
-def _train(tmp_path, name, **over):
-    run = parse_section(LMRunConfig, {**TINY, **over}, "run")
-    return train_language_model(run, TrainerConfig(), tmp_path.parent / "prep", tmp_path / name, seed=7)
+TINY = dict(model="lstm", embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, batch_size=16, bptt=20,
+            lr=20.0, train_fraction=0.05, limit_train_batches=60, samples=2)
 
 
 @pytest.fixture(scope="module")
 def two_runs(prepared_ptb, tmp_path_factory):
     base = tmp_path_factory.mktemp("lm")
-    (base.parent / "prep").mkdir(exist_ok=True)
-    run = parse_section(LMRunConfig, TINY, "run")
-    rows = [train_language_model(run, TrainerConfig(), prepared_ptb, base / f"r{i}", seed=7) for i in range(2)]
-    return base, rows
+    rows = [train_lm_run(prepared_ptb, base, f"r{i}", seed=7, **TINY) for i in range(2)]
+    return base / "models", rows
 
 
 def test_loss_falls_on_real_ptb(two_runs):
@@ -45,7 +36,7 @@ def test_same_seed_same_metrics(two_runs):
 
 def test_evaluate_stage_reproduces_training_test_ppl(two_runs, prepared_ptb):
     base, (row, _) = two_runs
-    result = evaluate_language_model(base / "r0" / "model.ckpt", prepared_ptb, batch_size=10, bptt=20)
+    result = score(base / "r0" / "model.ckpt", prepared_ptb, batch_size=10, bptt=20)
     assert result["split"] == "test" and result["tokens"] == 82420
     assert result["ppl"] == pytest.approx(row["test_ppl"], rel=1e-4)
 
@@ -62,25 +53,24 @@ def test_checkpoint_with_other_vocab_is_rejected(two_runs, tmp_path, prepared_pt
     vocab = Vocab.load(other / "vocab.json")
     Vocab(vocab.itos[:-1]).save(other / "vocab.json")
     with pytest.raises(RnnlabError, match=r"vocabulary \(10002 tokens.*does not match the saved vocabulary \(10001"):
-        evaluate_language_model(base / "r0" / "model.ckpt", other, batch_size=10, bptt=20)
+        score(base / "r0" / "model.ckpt", other, batch_size=10, bptt=20)
 
 
 def test_nan_loss_stops_training(prepared_ptb, tmp_path, monkeypatch):
     from rnnlab.errors import TrainingError
-    from rnnlab.models.lm import LSTMLanguageModel
+    from rnnlab.models.lm import RecurrentLanguageModel
 
     calls = {"n": 0}
-    forward = LSTMLanguageModel.forward
+    forward = RecurrentLanguageModel.forward
 
     def diverging(self, tokens, state=None):
         logits, state = forward(self, tokens, state)
         calls["n"] += 1
         return (logits * float("nan") if calls["n"] >= 5 else logits), state
 
-    monkeypatch.setattr(LSTMLanguageModel, "forward", diverging)
-    run = parse_section(LMRunConfig, {**TINY, "limit_train_batches": 30}, "run")
+    monkeypatch.setattr(RecurrentLanguageModel, "forward", diverging)
     with pytest.raises(TrainingError, match=r"train loss is nan at step 4 \(epoch 0\)"):
-        train_language_model(run, TrainerConfig(), prepared_ptb, tmp_path / "nan", seed=7)
+        train_lm_run(prepared_ptb, tmp_path, "nan", seed=7, **{**TINY, "limit_train_batches": 30})
 
 
 def test_generate_samples_from_checkpoint_deterministically(two_runs):
@@ -94,13 +84,21 @@ def test_generate_samples_from_checkpoint_deterministically(two_runs):
     c = generate_command(ckpt, "the company said", 30, 1.0, seed=4)
     assert a == b and a != c
     words = a.split()
-    vocab = Vocab.load(base.parent / "prep" / "vocab.json") if (base.parent / "prep" / "vocab.json").exists() else None
+    vocab = Vocab.load(base / "r0" / "vocab.json")  # the model folder's own copy of the vocabulary
     assert 20 <= len(words) <= 30  # newlines (<eos>) replace some tokens
-    if vocab is not None:
-        assert all(w in vocab for w in words)
+    assert all(w in vocab.stoi for w in words)
     # A near-zero temperature is close to greedy: the most frequent continuation repeats.
     cold = generate_command(ckpt, "the", 10, 0.01, seed=1)
     assert cold == generate_command(ckpt, "the", 10, 0.01, seed=2)
+
+
+def test_run_folder_has_samples_and_neighbours(two_runs):
+    base, _ = two_runs
+    samples = (base / "r0" / "samples.txt").read_text()
+    assert samples.count("prompt=") == 2 and "[1] prompt='in the'" in samples
+    neighbours = json.loads((base / "r0" / "neighbours.json").read_text())
+    assert set(neighbours) <= {"money", "stock", "year", "company", "president", "market", "bank", "japan"}
+    assert all(len(v) == 8 and v[0][1] >= v[-1][1] for v in neighbours.values())
 
 
 def test_generate_cli_reports_bad_run_clearly(tmp_path, capsys):

@@ -15,6 +15,8 @@ import torch
 from local_server import local_service
 from pipeline_repo import VENV_BIN, prepared_copy, run, start, step_checkpoints, train_cmd, wait_for
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -33,12 +35,12 @@ def repo(tmp_path_factory):
 def test_pipeline_logs_runs_metrics_and_artifacts_through_the_server(server, repo):
     from mlflow.tracking import MlflowClient
 
-    run(["dvc", "repro", "train_lm"], repo, MLFLOW_TRACKING_URI=server["uri"])
-    row = json.loads((repo / "data/metrics/train_lm.json").read_text())["ptb"]["lstm"]
+    run(["dvc", "repro", "train_lm@ptb-lstm"], repo, MLFLOW_TRACKING_URI=server["uri"])
+    row = json.loads((repo / "data/metrics/train_lm/ptb-lstm.json").read_text())
     client = MlflowClient(tracking_uri=server["uri"])
     (tracked,) = client.search_runs([client.get_experiment_by_name("rnnlab-lm").experiment_id])
     assert tracked.info.run_id == row["mlflow_run_id"] and tracked.info.status == "FINISHED"
-    assert tracked.data.params["hidden_size"] == "32" and tracked.data.tags["dvc_stage"] == "train_lm"
+    assert tracked.data.params["hidden_size"] == "32" and tracked.data.tags["dvc_stage"] == "train_lm@ptb-lstm"
     assert tracked.data.metrics["final/val_ppl"] == pytest.approx(row["val_ppl"])
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "val/ppl")] == [1]
     # Artifacts went through the server's artifact proxy into its own artifact root.
@@ -53,7 +55,7 @@ def test_pipeline_logs_runs_metrics_and_artifacts_through_the_server(server, rep
 def test_server_going_down_mid_run_does_not_stop_training(server, repo, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    training = start(train_cmd(tmp_path), repo, MLFLOW_TRACKING_URI=server["uri"])
+    training = start(train_cmd(tmp_path), repo, MLFLOW_TRACKING_URI=server["uri"], RNNLAB_MLFLOW_CLOSE_WAIT_S="2")
     wait_for(lambda: step_checkpoints(repo), 300, "the first checkpoint", training)
     os.killpg(server["proc"].pid, signal.SIGKILL)  # the server dies while the run is going on
     server["proc"].wait(timeout=30)
@@ -62,7 +64,7 @@ def test_server_going_down_mid_run_does_not_stop_training(server, repo, tmp_path
     assert "is unreachable" in err and "training continues; tracking calls are queued" in err
     assert "unreachable at the end of run" in err and "The checkpoint and the DVC outputs are complete" in err
     # Outputs complete: the metrics table and a loadable model.
-    row = json.loads((tmp_path / "train_lm.json").read_text())["ptb"]["lstm"]
+    row = json.loads((tmp_path / "ptb-lstm.json").read_text())
     model = torch.load(tmp_path / "models/ptb-lstm/model.ckpt", weights_only=True)
     assert row["val_ppl"] > 1 and model["hyper_parameters"]["model_name"] == "lstm"
     # What reached the server before it died is in its store; the run was never closed.

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_repo import (RUN_DIR, edit_params, prepared_copy, run, stage_process, start, step_checkpoints, train_cmd,
-                           wait_for)
+from pipeline_repo import (RUN_DIR, edit_profile, prepared_copy, run, stage_process, start, step_checkpoints,
+                           train_cmd, wait_for)
 from rnnlab.resume import AtomicCheckpointIO, ResumableLoader, ResumeDir
 
 EXACT_KEYS = ["val_loss", "val_ppl", "test_loss", "test_ppl", "epochs", "params"]
 STEPS = 40  # tiny profile: 2 epochs x 20 windows, a checkpoint every 4 steps
+STAGE = "train_lm@ptb-lstm"  # run alone (--single-item): the profile edit below must not rerun prepare
 
 
 def _mlflow(repo: Path):
@@ -38,22 +39,23 @@ def _state_dict(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     repo = prepared_copy(tmp_path_factory.mktemp("resume") / "repo")
-    edit_params(repo, lambda p: p["train_lm"]["defaults"].update(max_epochs=2))  # resume across an epoch end
+    edit_profile(repo, {"train_lm": {"runs": {"ptb-lstm": {"max_epochs": 2}}}})  # resume across an epoch end
     return repo
 
 
+@pytest.mark.slow
 def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
     # 1. The reference: the same stage, never interrupted (its resume folder is deleted at the end).
     run(train_cmd(tmp_path / "ref"), repo)
     assert not (repo / RUN_DIR).exists()
-    reference = json.loads((tmp_path / "ref" / "train_lm.json").read_text())["ptb"]["lstm"]
+    reference = json.loads((tmp_path / "ref" / "ptb-lstm.json").read_text())
     assert reference["epochs"] == 2  # the history covers every epoch, not just up to the best one
 
     # 2. dvc repro, SIGKILL of the training process once it has passed a random step.
     # Random by default; RNNLAB_KILL_AFTER pins it (step 22 once exposed a resume-from-epoch-end bug).
     kill_after = int(os.environ.get("RNNLAB_KILL_AFTER") or random.Random(os.getpid()).randrange(8, STEPS - 16))
     print(f"killing after step {kill_after}")
-    repro = start(["dvc", "repro", "train_lm"], repo)
+    repro = start(["dvc", "repro", "--single-item", STAGE], repo)
     wait_for(lambda: any(s >= kill_after for s in step_checkpoints(repo)), 300, f"a checkpoint at step >= {kill_after}",
              repro)
     trainer = wait_for(lambda: stage_process(repro), 10, "the train_lm process", repro)
@@ -74,7 +76,7 @@ def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
     (repo / "data/models/lm/ptb-lstm/marker").write_text("DVC deletes the outputs before a rerun")
 
     # 4. The rerun resumes and is stopped with Ctrl-C (SIGINT to the stage, as a terminal would).
-    repro = start(["dvc", "repro", "train_lm"], repo)
+    repro = start(["dvc", "repro", "--single-item", STAGE], repo)
     wait_for(lambda: any(s > steps[-1] for s in step_checkpoints(repo)), 300, "a checkpoint after the resume", repro)
     assert not (repo / "data/models/lm/ptb-lstm/marker").exists()
     os.killpg(repro.pid, signal.SIGINT)
@@ -88,9 +90,9 @@ def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
     assert "TrainingInterrupted" in interrupted.data.tags["rnnlab.error"]
 
     # 5. The third run finishes: same metrics and weights as the uninterrupted run, one MLflow run.
-    final = run(["dvc", "repro", "train_lm"], repo)
+    final = run(["dvc", "repro", "--single-item", STAGE], repo)
     assert "Restoring states from the checkpoint path" in final.stdout + final.stderr
-    resumed = json.loads((repo / "data/metrics/train_lm.json").read_text())["ptb"]["lstm"]
+    resumed = json.loads((repo / "data/metrics/train_lm/ptb-lstm.json").read_text())
     assert {k: resumed[k] for k in EXACT_KEYS} == {k: reference[k] for k in EXACT_KEYS}
     ref_weights = _state_dict(tmp_path / "ref/models/ptb-lstm/model.ckpt")
     weights = _state_dict(repo / "data/models/lm/ptb-lstm/model.ckpt")
@@ -149,12 +151,42 @@ def test_loader_resumes_mid_pass_then_starts_the_next_pass_from_the_top():
     restored.load_state_dict(saved)
     assert list(restored) == [4, 5, 6, 7, 8, 9]
     assert list(restored) == list(range(10))
-    shuffled = ResumableLoader(list(range(10)), order_seed=3)
-    first_pass, second_pass = list(shuffled), list(shuffled)
-    assert sorted(first_pass) == list(range(10)) and first_pass != second_pass
-    again = ResumableLoader(list(range(10)), order_seed=3)
-    it = iter(again)
+
+
+def test_shuffled_loader_resumes_the_same_order_mid_pass():
+    """A shuffling DataLoader (captioning) draws its order from the torch RNG at the start of a pass:
+    a loader restored mid-pass in a fresh process serves the rest of that same order."""
+    from torch.utils.data import DataLoader
+
+    def make():
+        return ResumableLoader(DataLoader(list(range(20)), batch_size=2, shuffle=True))
+
+    torch.manual_seed(3)
+    uninterrupted = make()
+    first_pass = [b.tolist() for b in uninterrupted]
+    second_pass = [b.tolist() for b in uninterrupted]
+    assert sorted(x for b in first_pass for x in b) == list(range(20)) and first_pass != second_pass
+
+    torch.manual_seed(3)
+    killed = make()
+    it = iter(killed)
     [next(it) for _ in range(3)]
-    resumed = ResumableLoader(list(range(10)), order_seed=3)
-    resumed.load_state_dict(again.state_dict())
-    assert list(resumed) == first_pass[3:]
+    saved = killed.state_dict()
+    torch.manual_seed(999)  # the new process starts from another RNG state
+    resumed = make()
+    resumed.load_state_dict(saved)
+    assert [b.tolist() for b in resumed] == first_pass[3:]
+
+
+def test_bucket_sampler_order_follows_the_pass_index():
+    """Translation: the bucket sampler's order is a function of the pass (seed + epoch), restored on resume."""
+    import numpy as np
+
+    from rnnlab.data.parallel import BucketBatchSampler
+
+    lengths = np.arange(40) % 7 + 1
+    sampler = BucketBatchSampler(lengths, batch_size=4, shuffle=True, seed=5)
+    passes = [list(sampler) for _ in range(2)]
+    resumed = BucketBatchSampler(lengths, batch_size=4, shuffle=True, seed=5)
+    resumed.set_epoch(1)
+    assert list(resumed) == passes[1] and passes[0] != passes[1]

@@ -1,4 +1,5 @@
-"""Seq2seq model, translation task and training entry point, on small models and real Multi30k."""
+"""Seq2seq model, the translation task (rnnlab.tasks.translation) and its train(), on small models and
+real Multi30k."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from rnnlab.checkpoints import load_checkpoint
-from rnnlab.data.parallel import ParallelDataModule, read_multi30k
+from rnnlab.resume import load_checkpoint_file as load_checkpoint
+from rnnlab.data.parallel import ParallelDataModule, pad_sequences, read_multi30k
 from rnnlab.data.tokenize import WordTokenizer
 from rnnlab.data.vocab import Vocab
-from rnnlab.decoding import greedy_decode
+from rnnlab.decoding import beam_search, greedy_decode
 from rnnlab.errors import ConfigError, DataError, RnnlabError
 from rnnlab.models.seq2seq import Seq2Seq
-from rnnlab.seq2seq_train import parse_seq2seq_config, train_translation
-from rnnlab.tasks.seq2seq_task import TranslationTask, load_translation_task
+from rnnlab.tasks import translation
+from rnnlab.tasks.translation import RunConfig, TranslationTask, load, parse_run
 
 KINDS = ["bahdanau", "luong", "none"]
 
@@ -214,9 +215,13 @@ def save_task(task: TranslationTask, path: Path) -> Path:
 def test_checkpoint_round_trip_needs_no_data(overfit, tmp_path):
     task, train, _ = overfit
     path = save_task(task, tmp_path / "model.ckpt")
-    loaded = load_translation_task(path, expected_src_vocab=task.src_vocab, expected_tgt_vocab=task.tgt_vocab)
+    task.src_vocab.save(tmp_path / "vocab.src.json")  # checked against the checkpoint's own on load
+    task.tgt_vocab.save(tmp_path / "vocab.tgt.json")
     sources = train["src"].tolist()[:3]
-    assert loaded.translate(sources, beam_size=3) == task.translate(sources, beam_size=3)
+    for ref in (tmp_path, path):  # the folder or the checkpoint file
+        loaded = load(ref)
+        assert not loaded.training
+        assert loaded.translate(sources, beam_size=3) == task.translate(sources, beam_size=3)
     assert isinstance(load_checkpoint(path)["translation"]["tgt_vocab"]["itos"], list)  # safe to load (weights_only)
 
 
@@ -226,44 +231,119 @@ def test_checkpoint_vocab_mismatch_names_both_sizes(overfit, tmp_path):
     path = save_task(task, tmp_path / "model.ckpt")
     # A different saved vocabulary next to the model.
     other = Vocab(task.tgt_vocab.itos[:-1])
-    with pytest.raises(RnnlabError, match=rf"\({n} tokens.*\({n - 1} tokens"):
-        load_translation_task(path, expected_tgt_vocab=other)
+    other.save(tmp_path / "vocab.tgt.json")
+    with pytest.raises(RnnlabError, match=rf"target side.*\({n} tokens.*\({n - 1} tokens"):
+        load(path)
+    (tmp_path / "vocab.tgt.json").unlink()
+    assert len(load(path).tgt_vocab) == n
     # A checkpoint whose stored vocabulary does not fit the model's output layer.
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["translation"]["tgt_vocab"] = other.to_dict()
     torch.save(checkpoint, path)
     with pytest.raises(DataError, match=rf"target vocabulary has {n - 1} tokens but the model was built for {n}"):
-        load_translation_task(path)
+        load(path)
+    with pytest.raises(RnnlabError, match="nowhere"):
+        load(tmp_path / "nowhere")
 
 
 # -- config and the training entry point ------------------------------------------------------
+WHERE = "train_seq2seq.runs.multi30k-none"
+
+
 def test_unknown_config_key_is_named():
-    with pytest.raises(ConfigError, match=r"train_seq2seq\.hiden_size: unknown key"):
-        parse_seq2seq_config({"hiden_size": 128})
-    with pytest.raises(ConfigError, match=r"train_seq2seq\.attention"):
-        parse_seq2seq_config({"attention": "dot"})
-    with pytest.raises(ConfigError, match=r"train_seq2seq\.monitor"):
-        parse_seq2seq_config({"val_bleu": False, "monitor": "val/bleu"})
-    assert parse_seq2seq_config({}).attention == "bahdanau"
+    with pytest.raises(ConfigError, match=rf"{WHERE}\.hiden_size: unknown key"):
+        parse_run({"hiden_size": 128}, WHERE)
+    with pytest.raises(ConfigError, match=rf"{WHERE}\.attention"):
+        parse_run({"attention": "dot"}, WHERE)
+    with pytest.raises(ConfigError, match=rf"{WHERE}\.monitor"):
+        parse_run({"val_bleu": False, "monitor": "val/bleu"}, WHERE)
+    with pytest.raises(ConfigError, match=rf"{WHERE}\.max_train_pairs: expected null or an integer >= 1"):
+        parse_run({"max_train_pairs": 0}, WHERE)
+    for moved in ("num_threads", "enable_progress_bar"):  # trainer.num_threads / trainer.progress_bar now
+        with pytest.raises(ConfigError, match=rf"{WHERE}\.{moved}: unknown key"):
+            parse_run({moved: 1}, WHERE)
+    run = parse_run({}, WHERE)
+    assert run.attention == "bahdanau" and run.beam_sizes == [1, 3, 5, 10] and run.enabled is True
+
+
+def test_the_module_defaults_are_the_run_config_defaults():
+    """One place per default: TranslationTask's keyword defaults are RunConfig's."""
+    import inspect
+
+    run = RunConfig()
+    signature = inspect.signature(TranslationTask.__init__).parameters
+    shared = [k for k in signature if hasattr(run, k)]
+    assert {"hidden_size", "dropout", "lr", "length_penalty", "monitor"} <= set(shared)
+    assert {k: signature[k].default for k in shared} == {k: getattr(run, k) for k in shared}
+    assert signature["decode_max_len"].default == run.max_len == 50 and run.hidden_size == 128
+
+
+def _context(tmp_path: Path, name: str = "tiny", seed: int = 3):
+    from rnnlab.resume import ResumeDir
+    from rnnlab.tasks.base import RunContext, StagePaths
+    from rnnlab.tracking import NullTracker
+    from rnnlab.training import TrainerConfig
+
+    out = tmp_path / "models" / name
+    out.mkdir(parents=True)
+    return RunContext(name=name, where=f"train_seq2seq.runs.{name}", seed=seed, trainer=TrainerConfig(num_threads=1),
+                      paths=StagePaths(prepared=tmp_path / "prepared"), out_dir=out,
+                      resume=ResumeDir.scratch(tmp_path / "resume"), tracker=NullTracker(), writer=True)
 
 
 def test_train_translation_end_to_end(pairs, tmp_path):
+    from rnnlab.io import write_parquet
+    from rnnlab.distributed import seed_everything
+
     small = pairs.groupby("split").head(120)
-    config = dict(embedding_size=16, hidden_size=16, max_epochs=2, limit_train_batches=3, batch_size=32,
-                  beam_sizes=[1, 2], heatmaps=2, max_len=20, tokenizer="bpe", bpe_vocab_size=300, min_freq=1)
-    metrics = train_translation(config, small, tmp_path, seed=3)
-    assert (tmp_path / "model.ckpt").is_file() and not (tmp_path / "checkpoints").exists()
-    assert metrics["test/beam1_equals_greedy"] == 1.0
-    assert metrics["epochs"] == 2 and metrics["steps"] == 6
-    assert metrics["test/ppl"] > 1.0 and metrics["val/ppl"] > 1.0
-    assert metrics["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
-    assert "case:lc" in metrics["tok_bleu_signature"]
-    assert metrics["truncated/train_src"] > 0  # some of the 120 sentences exceed 20 BPE pieces
-    assert sorted(p.name for p in (tmp_path / "attention").glob("*.png")) == ["val_00.png", "val_01.png"]
-    rows = json.loads((tmp_path / "bleu_vs_beam.json").read_text())
-    assert [r["beam"] for r in rows] == [0, 1, 2]
-    hyps = (tmp_path / "test_hyps_greedy.txt").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "prepared" / "multi30k").mkdir(parents=True)
+    write_parquet(tmp_path / "prepared" / "multi30k" / "pairs.parquet", small)
+    run = parse_run(dict(embedding_size=16, hidden_size=16, max_epochs=2, limit_train_batches=3, batch_size=32,
+                         beam_sizes=[1, 2], heatmaps=2, max_len=20, tokenizer="bpe", bpe_vocab_size=300, min_freq=1),
+                    "train_seq2seq.runs.tiny")
+    ctx = _context(tmp_path)
+    assert translation.data_files(run, ctx.paths) == [tmp_path / "prepared" / "multi30k" / "pairs.parquet"]
+    seed_everything(ctx.seed)
+    output = translation.train(run, ctx)
+    row, folder = output.row, ctx.out_dir
+    assert sorted(p.name for p in folder.glob("*.ckpt")) == ["model.ckpt"]  # the resume/best ones live elsewhere
+    assert row["epochs"] == 2 and row["steps"] == 6
+    assert row["test_ppl"] > 1.0 and row["val_ppl"] > 1.0
+    assert row["pairs"] == {"train": 120, "val": 120, "test": 120}
+    assert row["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert "case:lc" in row["tok_lc_bleu_signature"]
+    assert not any(k.endswith("_beam1") for k in row) and "beam1_equals_greedy" not in row  # beam 1 is greedy
+    assert {"sacrebleu_greedy", "chrf_beam2", "tok_lc_bleu_beam2", "sentences_per_s_greedy"} <= set(row)
+    assert row["truncated"]["train_src"] > 0  # some of the 120 sentences exceed 20 BPE pieces
+    assert sorted(p.name for p in (folder / "attention").glob("*.png")) == ["val_00.png", "val_01.png"]
+    rows = json.loads((folder / "bleu_vs_beam.json").read_text())
+    assert [r["beam"] for r in rows] == [1, 2]
+    assert rows[0]["sacrebleu"] == row["sacrebleu_greedy"] and rows[1]["chrf"] == row["chrf_beam2"]
+    assert output.plot_rows == [{"run": "tiny", "beam": 1, "bleu": row["sacrebleu_greedy"]},
+                                {"run": "tiny", "beam": 2, "bleu": row["sacrebleu_beam2"]}]
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 16
+    assert len(json.loads((folder / "history.json").read_text())) == 2
+    folders = {(Path(p).name, f) for p, f in output.artifacts}
+    assert {("model.ckpt", "model"), ("vocab.tgt.json", "model"), ("test_hyps_beam2.txt", "hyps"),
+            ("val_00.png", "attention"), ("bleu_vs_beam.png", None), ("history.json", None)} <= folders
+    hyps = (folder / "test_hyps_greedy.txt").read_text(encoding="utf-8").splitlines()
     assert len(hyps) == 120
-    task = load_translation_task(tmp_path / "model.ckpt")
+    task = load(folder)
     assert task.src_tokenizer.name == "bpe"
-    assert task.translate(small[small["split"] == "test"]["src"].tolist(), beam_size=1) == hyps
+    test_sources = small[small["split"] == "test"]["src"].tolist()
+    assert task.translate(test_sources, beam_size=1) == hyps
+    # Beam search of width 1 (reachable through rnnlab.decoding) reproduces greedy decoding on
+    # the trained model and real data (the old row's beam1_equals_greedy).
+    encoded = task.encode_sources(test_sources)
+    src = pad_sequences(encoded, Vocab.pad_id)
+    lengths = torch.as_tensor([len(e) for e in encoded])
+    decoder = task.model.incremental_decoder()
+    common = dict(batch_size=len(encoded), bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=20)
+    greedy = greedy_decode(decoder, decoder.start(src, lengths), **common)
+    beam1 = beam_search(decoder, decoder.start(src, lengths), beam_size=1, length_penalty=1.0, **common)
+    assert beam1.tokens == greedy.tokens and [task.ids_to_text(t) for t in greedy.tokens] == hyps
+    # score() on the folder alone reproduces the row (the evaluate stage's path)
+    result = translation.score(folder, ctx.paths, beam_sizes=[1, 2])
+    assert {k: result[k] for k in ("sacrebleu_greedy", "tok_lc_bleu_beam2", "chrf_beam2", "test_ppl")} == {
+        k: row[k] for k in ("sacrebleu_greedy", "tok_lc_bleu_beam2", "chrf_beam2", "test_ppl")}
+    assert [b["beam"] for b in result["beams"]] == [1, 2] and result["test_sentences"] == 120

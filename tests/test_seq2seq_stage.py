@@ -1,6 +1,7 @@
-"""Stage train_seq2seq, evaluate_translation_checkpoint and `rnnlab translate`, on a tiny profile of
-the real Multi30k (300 train / 60 val pairs, the whole 1,000-sentence test set, 32-unit models,
-a few seconds of training per row) with MLflow in a temporary sqlite store."""
+"""Stage train_seq2seq through the one stage loop (rnnlab.stages.train + rnnlab.tasks.translation),
+rescoring a saved folder (translation.score) and `rnnlab translate`, on a tiny profile of the real
+Multi30k (300 train / 60 val pairs, the whole 1,000-sentence test set, 32-unit models, a few seconds
+of training per run) with MLflow in a temporary sqlite store."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch
 from rnnlab.cli import main as cli_main
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import ConfigError, RnnlabError
-from rnnlab.seq2seq_eval import evaluate_translation_checkpoint
-from rnnlab.seq2seq_stage import parse_train_seq2seq_config, train_seq2seq_stage
-from rnnlab.translate import load_translator
+from rnnlab.stages.train import parse_runs, train_stage
+from rnnlab.tasks import translation
+from rnnlab.tasks.base import StagePaths
+from rnnlab.tasks.translation import load, score, translate_command
 
 RUNS = ("multi30k-attention", "multi30k-none")
 BEAMS = [1, 2]
@@ -31,16 +33,28 @@ def tiny_train_seq2seq() -> dict:
         "experiment": "rnnlab-seq2seq-test",
         "defaults": {"tokenizer": "bpe", "bpe_vocab_size": 400, "embedding_size": 32, "hidden_size": 32,
                      "max_len": 20, "batch_size": 32, "max_epochs": 2, "limit_train_batches": 8,
-                     "max_time_minutes": None, "lr": 0.01, "beam_sizes": BEAMS, "heatmaps": 2, "num_threads": 1,
+                     "max_time_minutes": None, "lr": 0.01, "beam_sizes": BEAMS, "heatmaps": 2,
                      "max_train_pairs": 300, "max_val_pairs": 60},
-        "runs": [{"name": RUNS[0], "attention": "bahdanau"},
-                 {"name": RUNS[1], "attention": "none", "tokenizer": "word", "min_freq": 2}],
+        "runs": {RUNS[0]: {"attention": "bahdanau"},
+                 RUNS[1]: {"attention": "none", "tokenizer": "word", "min_freq": 2}},
     }
+
+
+def tiny_params(tracking: bool = True) -> dict:
+    return {"seed": 7, "tracking": {"enabled": tracking}, "trainer": {"num_threads": 1},
+            "train_seq2seq": tiny_train_seq2seq()}
+
+
+def run_stage(params: dict, name: str) -> dict:
+    """One run of the stage (DVC's ``train_seq2seq@<name>``), relative to the working directory."""
+    return train_stage(params, "train_seq2seq", name, StagePaths(prepared=Path("data/prepared")),
+                       Path("data/models/seq2seq"), Path(f"data/metrics/train_seq2seq/{name}.json"),
+                       Path(f"data/plots/train_seq2seq/{name}.json"), Path("data/checkpoints"))
 
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory, mirror):
-    """The stage run once on the tiny profile: (tmp root, metrics table, prepared dir, tracking uri)."""
+    """The stage run once per run on the tiny profile: (tmp root, {run: row}, prepared dir, tracking uri)."""
     from rnnlab.data.readers import read_parallel_corpus
     from rnnlab.io import write_parquet
 
@@ -49,46 +63,50 @@ def stage(tmp_path_factory, mirror):
     (prepared / "multi30k").mkdir(parents=True)
     write_parquet(prepared / "multi30k" / "pairs.parquet", read_parallel_corpus(mirror / "multi30k"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    params = {"seed": 7, "tracking": {"enabled": True}, "train_seq2seq": tiny_train_seq2seq()}
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)
-        table = train_seq2seq_stage(params, Path("data/prepared"), Path("data/models/seq2seq"),
-                                    Path("data/metrics/train_seq2seq.json"), Path("data/plots/train_seq2seq"))
+        table = {name: run_stage(tiny_params(), name) for name in RUNS}
     torch.set_num_threads(threads)
     return root, table, prepared, uri
 
 
 def test_stage_writes_models_metrics_plots_and_mlflow_runs(stage):
     root, table, _, uri = stage
-    assert json.loads((root / "data/metrics/train_seq2seq.json").read_text()) == json.loads(json.dumps(table))
-    assert sorted(table) == sorted(RUNS)
     for name in RUNS:
         row, folder = table[name], root / "data/models/seq2seq" / name
+        assert json.loads((root / f"data/metrics/train_seq2seq/{name}.json").read_text()) == json.loads(json.dumps(row))
         for file in ("model.ckpt", "vocab.src.json", "vocab.tgt.json", "tokenizer.src.json", "tokenizer.tgt.json",
-                     "config.json", "history.json", "bleu_vs_beam.json", "bleu_vs_beam.png", "test_hyps_beam2.txt"):
+                     "config.json", "history.json", "bleu_vs_beam.json", "bleu_vs_beam.png", "test_hyps_greedy.txt",
+                     "test_hyps_beam2.txt"):
             assert (folder / file).is_file(), file
+        assert not (folder / "test_hyps_beam1.txt").exists()  # beam 1 is greedy: one setting, one file
         assert row["model_path"] == f"data/models/seq2seq/{name}"
         assert row["pairs"] == {"train": 300, "val": 60, "test": 1000}
-        assert row["beam1_equals_greedy"] is True
+        assert "beam1_equals_greedy" not in row and not any(k.endswith("_beam1") for k in row)
         assert row["sacrebleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
         assert "case:lc" in row["tok_lc_bleu_signature"]
         for key in ("sacrebleu", "chrf", "tok_lc_bleu"):
-            for decode in ("greedy", "beam1", "beam2"):
+            for decode in ("greedy", "beam2"):
                 assert 0.0 <= row[f"{key}_{decode}"] <= 100.0
         assert row["chrf_beam2"] > 0.0
         assert row["test_ppl"] < row["tgt_vocab_size"]  # better than a uniform guess after 16 steps
         assert 1.0 < row["test_ppl"] < 5000 and 1.0 < row["val_ppl"] < 5000
         assert row["epochs"] == 2 and row["steps"] == 16 and row["params"] > 10_000
-        assert row["train_wall_s"] > 0 and row["sentences_per_s_beam2"] > 0
+        assert row["train_wall_s"] > 0 and row["sentences_per_s_beam2"] > 0 and row["stage_wall_s"] > 0
         assert row["truncated"]["test_src"] > 0 or row["truncated"]["test_tgt"] > 0  # max_len 20 cuts some
         assert re.fullmatch(r"[0-9a-f]{32}", row["mlflow_run_id"])
+        assert not (root / "data/checkpoints/train_seq2seq" / name).exists()  # resume folder deleted at the end
+        rows = json.loads((root / f"data/plots/train_seq2seq/{name}.json").read_text())
+        assert [(r["run"], r["beam"]) for r in rows] == [(name, b) for b in BEAMS]
+        assert rows[0]["bleu"] == row["sacrebleu_greedy"] and rows[1]["bleu"] == row["sacrebleu_beam2"]
+        beams = json.loads((folder / "bleu_vs_beam.json").read_text())
+        assert [b["beam"] for b in beams] == BEAMS and beams[1]["tok_bleu"] == row["tok_lc_bleu_beam2"]
     assert len(list((root / "data/models/seq2seq" / RUNS[0] / "attention").glob("*.png"))) == 2
     assert not (root / "data/models/seq2seq" / RUNS[1] / "attention").exists()  # no attention to draw
-    rows = json.loads((root / "data/plots/train_seq2seq/bleu_vs_beam.json").read_text())
-    assert [(r["run"], r["beam"]) for r in rows] == [(n, b) for n in RUNS for b in BEAMS]
-    assert rows[1]["bleu"] == table[RUNS[0]]["sacrebleu_beam2"]
+    config = json.loads((root / "data/models/seq2seq" / RUNS[1] / "config.json").read_text())
+    assert config["tokenizer"] == "word" and config["min_freq"] == 2 and config["max_train_pairs"] == 300
 
     from mlflow.tracking import MlflowClient
 
@@ -97,52 +115,60 @@ def test_stage_writes_models_metrics_plots_and_mlflow_runs(stage):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["final/sacrebleu_beam2"] == table[RUNS[0]]["sacrebleu_beam2"]
     assert run.data.params["attention"] == "bahdanau" and run.data.tags["task"] == "translation"
-    artifacts = {a.path for top in ("model", "attention") for a in client.list_artifacts(run.info.run_id, top)}
-    assert {"model/model.ckpt", "model/vocab.tgt.json", "attention/val_00.png"} <= artifacts
+    assert run.data.tags["corpus"] == "multi30k" and run.data.tags["tokenizer"] == "bpe"
+    artifacts = {a.path for top in ("model", "attention", "hyps") for a in client.list_artifacts(run.info.run_id, top)}
+    assert {"model/model.ckpt", "model/vocab.tgt.json", "attention/val_00.png", "hyps/test_hyps_beam2.txt"} <= artifacts
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"history.json", "bleu_vs_beam.json", "bleu_vs_beam.png"} <= top
 
 
-def test_evaluate_checkpoint_reproduces_the_training_numbers(stage, tmp_path):
+def test_score_reproduces_the_training_numbers(stage, tmp_path):
     root, table, prepared, _ = stage
     name = RUNS[0]  # BPE + attention (the word-tokenizer model goes through the same code)
     folder = shutil.copytree(root / "data/models/seq2seq" / name, tmp_path / name)  # the folder alone
-    result = evaluate_translation_checkpoint(folder, prepared / "multi30k", beam_sizes=BEAMS)
+    result = score(folder, prepared / "multi30k", beam_sizes=BEAMS)
     row = table[name]
     shared = set(result) - {"beams", "test_sentences", "truncated_test_src"}
-    assert shared >= {"sacrebleu_greedy", "sacrebleu_beam2", "chrf_beam1", "tok_lc_bleu_beam2", "test_ppl",
-                      "params", "sacrebleu_signature", "beam1_equals_greedy"}
+    assert shared >= {"sacrebleu_greedy", "sacrebleu_beam2", "chrf_greedy", "tok_lc_bleu_beam2", "test_ppl",
+                      "test_loss", "params", "sacrebleu_signature"}
     assert {k: result[k] for k in shared} == {k: row[k] for k in shared}
     assert result["truncated_test_src"] == row["truncated"]["test_src"] and result["test_sentences"] == 1000
     assert [b["beam"] for b in result["beams"]] == BEAMS
+    assert result["beams"][0]["sacrebleu"] == row["sacrebleu_greedy"]
     assert result["beams"][1]["sacrebleu"] == row["sacrebleu_beam2"]
+    assert score(folder, StagePaths(prepared=prepared), [2])["sacrebleu_beam2"] == row["sacrebleu_beam2"]
 
 
-def test_translate_cli_prints_a_translation_of_a_new_sentence(stage, capsys, monkeypatch):
+def test_translate_prints_a_translation_of_a_new_sentence(stage, capsys, monkeypatch):
     root, table, _, uri = stage
     folder = root / "data/models/seq2seq" / RUNS[0]
     sentence = "A man is riding a bike."
-    task, _ = load_translator(folder)
+    task = load(folder)
     expected = task.translate([sentence], beam_size=2)[0]
     assert expected.strip()
+    translate_command(sentence, 2, str(folder))
+    assert capsys.readouterr().out == expected + "\n"
+    # the CLI (whichever module rnnlab.cli points at) prints the same
     cli_main(["translate", sentence, "--beam", "2", "--run", str(folder)])
     assert capsys.readouterr().out == expected + "\n"
-    # the default --run is data/models/seq2seq/multi30k-attention (relative to the working directory)
+    # the default run is data/models/seq2seq/multi30k-attention (relative to the working directory)
     monkeypatch.chdir(root)
-    cli_main(["translate", sentence, "--beam", "2"])
+    translate_command(sentence, 2)
     assert capsys.readouterr().out == expected + "\n"
     # an MLflow run id resolves to the run's model/ artifacts
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cli_main(["translate", sentence, "--beam", "2", "--run", table[RUNS[0]]["mlflow_run_id"]])
+    translate_command(sentence, 2, table[RUNS[0]]["mlflow_run_id"])
     assert capsys.readouterr().out == expected + "\n"
 
 
-def test_translate_cli_stdin_blank_lines_truncation_and_unknown_words(stage, capsys, monkeypatch):
+def test_translate_stdin_blank_lines_truncation_and_unknown_words(stage, capsys, monkeypatch):
     root, _, _, _ = stage
     folder = root / "data/models/seq2seq" / RUNS[1]  # the word-tokenizer model
-    task, _ = load_translator(folder)
+    task = load(folder)
     long_line = "two dogs run on the grass " * 10  # 60 words > max_len 20
     lines = ["A dog runs.", "", "   ", long_line, "zyzzyva qwxv"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
-    cli_main(["translate", "--beam", "1", "--run", str(folder)])
+    assert translate_command(None, 1, str(folder)) == 3
     captured = capsys.readouterr()
     out = captured.out.split("\n")
     assert len(out) == 6 and out[-1] == ""  # one output line per input line
@@ -153,47 +179,62 @@ def test_translate_cli_stdin_blank_lines_truncation_and_unknown_words(stage, cap
     assert task.encode_sources(["zyzzyva qwxv"])[0].tolist() == [Vocab.unk_id, Vocab.unk_id]
 
 
-def test_translate_cli_bad_input_is_a_clear_error(stage, capsys, tmp_path):
+def test_translate_bad_input_is_a_clear_error(stage, capsys, tmp_path, monkeypatch):
     root, _, prepared, _ = stage
     folder = root / "data/models/seq2seq" / RUNS[0]
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(RnnlabError, match="empty or whitespace-only"):
+        translate_command("   ", 5, str(folder))
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line on stderr, exit code 2
         cli_main(["translate", "   ", "--run", str(folder)])
     assert exit_info.value.code == 2 and "empty or whitespace-only" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli_main(["translate", "a dog", "--run", str(tmp_path / "nowhere")])
-    assert "nowhere" in capsys.readouterr().err
+    with pytest.raises(RnnlabError, match="nowhere"):
+        translate_command("a dog", 5, str(tmp_path / "nowhere"))
+    with pytest.raises(RnnlabError, match="--beam"):
+        translate_command("a dog", 0, str(folder))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RnnlabError, match="dvc repro train_seq2seq"):
+        translate_command("a dog", 5)  # no default model here
     # a vocabulary file beside the checkpoint that does not match the checkpoint's own
     bad = shutil.copytree(folder, tmp_path / "bad")
     vocab = Vocab.load(bad / "vocab.tgt.json")
     Vocab(vocab.itos[:-1]).save(bad / "vocab.tgt.json")
     n = len(vocab)
-    with pytest.raises(SystemExit):
-        cli_main(["translate", "a dog", "--run", str(bad)])
-    assert re.search(rf"\({n} tokens.*\({n - 1} tokens", capsys.readouterr().err)
     with pytest.raises(RnnlabError, match=rf"\({n} tokens.*\({n - 1} tokens"):
-        evaluate_translation_checkpoint(bad, prepared)
+        translate_command("a dog", 5, str(bad))
+    with pytest.raises(RnnlabError, match=rf"\({n} tokens.*\({n - 1} tokens"):
+        score(bad, prepared)
 
 
 def test_config_errors_name_the_key():
-    good = tiny_train_seq2seq()
-    parse_train_seq2seq_config(good)
-    bad = tiny_train_seq2seq()
-    bad["runs"][1]["foo"] = 1
-    with pytest.raises(ConfigError, match=r"train_seq2seq\.runs\[1\]\.foo: unknown key"):
-        parse_train_seq2seq_config(bad)
-    bad = tiny_train_seq2seq()
-    bad["defaults"]["hiden_size"] = 1
-    with pytest.raises(ConfigError, match=r"train_seq2seq\.defaults\.hiden_size: unknown key"):
-        parse_train_seq2seq_config(bad)
-    bad = tiny_train_seq2seq()
-    bad["runs"][0]["attention"] = "dot"
-    with pytest.raises(ConfigError, match=r"train_seq2seq\.runs\[0\]\.attention"):
-        parse_train_seq2seq_config(bad)
-    bad = tiny_train_seq2seq()
-    bad["runs"][1]["name"] = RUNS[0]
-    with pytest.raises(ConfigError, match="unique"):
-        parse_train_seq2seq_config(bad)
-    bad = tiny_train_seq2seq()
-    bad["defaults"]["max_train_pairs"] = 0
-    with pytest.raises(ConfigError, match=r"runs\[0\]\.max_train_pairs: expected null or an integer >= 1"):
-        parse_train_seq2seq_config(bad)
+    assert set(parse_runs(tiny_params(), "train_seq2seq")) == set(RUNS)
+    bad = tiny_params()
+    bad["train_seq2seq"]["runs"][RUNS[1]]["foo"] = 1
+    with pytest.raises(ConfigError, match=rf"train_seq2seq\.runs\.{RUNS[1]}\.foo: unknown key"):
+        parse_runs(bad, "train_seq2seq")
+    bad = tiny_params()
+    bad["train_seq2seq"]["defaults"]["hiden_size"] = 1  # defaults are merged into every run
+    with pytest.raises(ConfigError, match=rf"train_seq2seq\.runs\.{RUNS[0]}\.hiden_size: unknown key"):
+        parse_runs(bad, "train_seq2seq")
+    bad = tiny_params()
+    bad["train_seq2seq"]["runs"][RUNS[0]]["attention"] = "dot"
+    with pytest.raises(ConfigError, match=rf"train_seq2seq\.runs\.{RUNS[0]}\.attention"):
+        parse_runs(bad, "train_seq2seq")
+    bad = tiny_params()
+    bad["train_seq2seq"]["defaults"]["max_train_pairs"] = 0
+    with pytest.raises(ConfigError, match=rf"runs\.{RUNS[0]}\.max_train_pairs: expected null or an integer >= 1"):
+        parse_runs(bad, "train_seq2seq")
+    bad = tiny_params()
+    bad["train_seq2seq"]["defaults"]["num_threads"] = 1  # a trainer key now (trainer.num_threads)
+    with pytest.raises(ConfigError, match=rf"runs\.{RUNS[0]}\.num_threads: unknown key"):
+        parse_runs(bad, "train_seq2seq")
+    assert translation.SECTION == "train_seq2seq" and translation.EXPERIMENT == "rnnlab-seq2seq"
+
+
+def test_disabled_run_writes_a_row_saying_so(tmp_path, monkeypatch):
+    params = tiny_params(tracking=False)
+    params["train_seq2seq"]["runs"][RUNS[1]]["enabled"] = False
+    monkeypatch.chdir(tmp_path)
+    row = run_stage(params, RUNS[1])  # no data needed: nothing is trained
+    assert row["enabled"] is False and f"train_seq2seq.runs.{RUNS[1]}.enabled" in row["reason"]
+    assert json.loads(Path(f"data/metrics/train_seq2seq/{RUNS[1]}.json").read_text()) == row
+    assert not Path(f"data/models/seq2seq/{RUNS[1]}/model.ckpt").exists()

@@ -127,7 +127,7 @@ def test_translator_pyfunc_in_process(mirror, tmp_path):
     from rnnlab.data.parallel import read_multi30k
     from rnnlab.data.tokenize import WordTokenizer
     from rnnlab.data.vocab import Vocab
-    from rnnlab.tasks.seq2seq_task import TranslationTask
+    from rnnlab.tasks.translation import TranslationTask
 
     train = read_multi30k(mirror / "multi30k" / "raw").query("split == 'train'").head(8)
     words = WordTokenizer(lowercase=True), WordTokenizer(lowercase=False)
@@ -163,7 +163,7 @@ def test_captioner_pyfunc_in_process(mirror, tmp_path):
 
     from rnnlab.data.vocab import Vocab
     from rnnlab.serving import encode_image
-    from rnnlab.tasks.caption_task import CaptioningTask
+    from rnnlab.tasks.captioning import CaptioningTask
 
     vocab = Vocab.build([["a", "dog", "runs", "on", "the", "grass"]])
     torch.manual_seed(0)

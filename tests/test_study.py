@@ -74,7 +74,7 @@ def test_gradient_decays_much_faster_with_lag_in_the_trained_rnn(long_lag_pair):
 def test_gradient_norms_match_a_hand_computed_backward_pass_for_the_elman_rnn():
     """‖∂L_T/∂h_t‖ by the lecture's recursion: ∂L/∂h_{t-1} = W^T (1 - h_t^2) ∂L/∂h_t."""
     torch.manual_seed(0)
-    model = build_language_model("rnn", 11, embedding_size=5, hidden_size=6, dropout=0.5)
+    model = build_language_model("rnn", 11, embedding_size=5, hidden_size=6, num_layers=1, dropout=0.5)
     window = torch.randint(0, 11, (8, 3))  # T = 7
     norms = gradient_norm_by_lag(model, [window])
     assert model.training  # restored after measuring with dropout off
@@ -105,20 +105,21 @@ def test_gradient_flow_works_for_every_recurrent_model_and_rejects_the_mlp():
     with single_threaded():
         for kind in ("rnn", "lstm", "gru", "lstm_hand", "lstm_peephole"):
             torch.manual_seed(0)
-            model = build_language_model(kind, 50, embedding_size=8, hidden_size=8, num_layers=2)
+            model = build_language_model(kind, 50, embedding_size=8, hidden_size=8, num_layers=2, dropout=0.2)
             norms = gradient_norm_by_lag(model, windows)
             assert np.all(norms[1:] > 0), kind
         cell_norms = gradient_norm_by_lag(model, windows, wrt="c")
     assert np.all(cell_norms[1:] > 0)
     with pytest.raises(ConfigError, match="hidden vector"):
-        gradient_norm_by_lag(build_language_model("mlp", 50), windows)
+        gradient_norm_by_lag(build_language_model("mlp", 50, embedding_size=4, hidden_size=4, dropout=0.0), windows)
 
 
 def test_forget_gate_bias_is_set_in_both_lstm_implementations():
-    lstm = build_language_model("lstm", 10, embedding_size=4, hidden_size=4, num_layers=2)
-    hand = build_language_model("lstm_peephole", 10, embedding_size=4, hidden_size=4, num_layers=2)
+    lstm = build_language_model("lstm", 10, embedding_size=4, hidden_size=4, num_layers=2, dropout=0.0)
+    hand = build_language_model("lstm_peephole", 10, embedding_size=4, hidden_size=4, num_layers=2, dropout=0.0)
     assert set_forget_gate_bias(lstm, 3.0) == 2 and set_forget_gate_bias(hand, 3.0) == 2
-    assert set_forget_gate_bias(build_language_model("rnn", 10), 3.0) == 0
+    assert set_forget_gate_bias(build_language_model("rnn", 10, embedding_size=4, hidden_size=4, num_layers=1,
+                                                     dropout=0.0), 3.0) == 0
     total_f_bias = lstm.rnn.bias_ih_l1[4:8] + lstm.rnn.bias_hh_l1[4:8]
     assert torch.allclose(total_f_bias, torch.full((4,), 3.0))
     assert torch.allclose(hand.layers[1].bias[4:8], torch.full((4,), 3.0))

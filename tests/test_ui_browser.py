@@ -19,7 +19,7 @@ import pytest
 from local_server import local_service
 from tiny_lm_store import lm_store  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                 "--disable-dev-shm-usage", "--window-size=1400,1000"]

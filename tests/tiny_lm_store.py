@@ -17,13 +17,13 @@ import pytest
 TINY_PARAMS = {
     "seed": 7,
     "tracking": {"enabled": True},
+    "trainer": {"progress_bar": False, "checkpoint_every_n_steps": 0, "resume": False},
     "train_lm": {
         "experiment": "rnnlab-lm",
-        "trainer": {"progress_bar": False, "checkpoint_every_n_steps": 0, "resume": False},
         "defaults": {"embedding_size": 16, "hidden_size": 16, "num_layers": 1, "dropout": 0.0, "batch_size": 16,
                      "eval_batch_size": 10, "bptt": 20, "train_fraction": 0.02, "limit_train_batches": 10},
-        "runs": [{"name": "ptb-lstm", "corpus": "ptb", "model": "lstm"},
-                 {"name": "ptb-ngram", "corpus": "ptb", "model": "ngram", "order": 3}],
+        "runs": {"ptb-lstm": {"corpus": "ptb", "model": "lstm"},
+                 "ptb-ngram": {"corpus": "ptb", "model": "ngram", "order": 3}},
     },
     # lm_batch_size / lm_bptt = the training run's eval_batch_size / bptt: evaluate must reproduce its test ppl
     "evaluate": {"experiment": "rnnlab-evaluate", "lm_batch_size": 10, "lm_bptt": 20, "sample_tokens": 12},
@@ -55,15 +55,18 @@ def chdir_env(path: Path, uri: str):
 
 @functools.cache
 def tiny_store(prepared_root: Path) -> Store:
-    from rnnlab.evaluate_stage import evaluate_stage
-    from rnnlab.stages import train_lm_stage
+    from rnnlab.stages.evaluate import evaluate_stage
+    from rnnlab.stages.train import train_stage
+    from rnnlab.tasks.base import StagePaths
 
     root = Path(tempfile.mkdtemp(prefix="rnnlab-store-"))
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    paths = StagePaths(prepared=prepared_root)
     with chdir_env(root, uri):
-        train_lm_stage(TINY_PARAMS, prepared_root, Path("data/models/lm"), Path("data/metrics/train_lm.json"),
-                       Path("data/plots/train_lm"), Path("data/checkpoints/train_lm"))
-        table = evaluate_stage(TINY_PARAMS, prepared_root, Path("data/models"), Path("data/metrics"),
+        for name in TINY_PARAMS["train_lm"]["runs"]:
+            train_stage(TINY_PARAMS, "train_lm", name, paths, Path("data/models/lm"),
+                        Path(f"data/metrics/train_lm/{name}.json"), Path(f"data/plots/train_lm/{name}.json"))
+        table = evaluate_stage(TINY_PARAMS, paths, Path("data/models"), Path("data/metrics"),
                                Path("data/metrics/evaluate.json"), Path("data/reports"), Path("data/plots/evaluate"))
     return Store(root, uri, TINY_PARAMS, table)
 

@@ -27,14 +27,40 @@ def setup_logging(level: int = logging.INFO) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+def record_imports(folder: str) -> None:
+    """Write the project files this process imported to ``<folder>/<stage>.json`` (``RNNLAB_RECORD_IMPORTS``;
+    ``<stage>`` as DVC names it: ``train_lm@ptb-lstm``): the test that every dvc.yaml stage depends
+    on every module it runs (tests/test_dvc_deps.py) reads them."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]  # the checkout: src/rnnlab/cli.py -> .
+    package = Path(__file__).resolve().parent
+    files = set()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve().is_relative_to(package):
+            files.add(Path(file).resolve().relative_to(root).as_posix())
+    stage = Path(sys.argv[0]).stem
+    if "--run" in sys.argv[:-1]:
+        stage += "@" + sys.argv[sys.argv.index("--run") + 1]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{stage}.json").write_text(json.dumps(sorted(files), indent=1) + "\n")
+
+
 def run_stage(main: Callable[[], object]) -> None:
     """Run a stage; user-facing errors become one clear line on stderr and exit code 2."""
+    import os
+
     setup_logging()
     try:
         main()
     except RnnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if os.environ.get("RNNLAB_RECORD_IMPORTS"):
+            record_imports(os.environ["RNNLAB_RECORD_IMPORTS"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p_tr = sub.add_parser("translate", help="English -> German with a train_seq2seq model (stdin when no sentence)")
     p_tr.add_argument("sentence", nargs="?", help="English sentence; omitted: translate stdin line by line")
     p_tr.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy)")
-    p_tr.add_argument("--run", default="data/models/seq2seq/multi30k-attention",
-                      help="train_seq2seq model folder, model.ckpt or MLflow run id")
+    p_tr.add_argument("--run", default=None, help="train_seq2seq model folder, model.ckpt or MLflow run id "
+                      "(default: data/models/seq2seq/multi30k-attention)")
     p_cap = sub.add_parser("caption", help="caption an image file with a train_captioner model")
     p_cap.add_argument("image", help="path to a JPEG/PNG image")
     p_cap.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
@@ -75,12 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "generate":
             print(generate_command(args.run, args.prompt, args.tokens, args.temperature, args.seed))
         elif args.command == "translate":
-            from rnnlab.translate import translate_command
+            from rnnlab.tasks.translation import translate_command
 
             translate_command(args.sentence, args.beam, args.run)
         elif args.command == "caption":
-            from rnnlab.caption_stage import caption_command
-
             print(caption_command(args.image, args.beam, args.run))
     except RnnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -88,9 +112,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def generate_command(run: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
-    from rnnlab.generate import resolve_model_path, sample_from_path
+    from rnnlab.generate import sample
+    from rnnlab.inference import load_model
 
-    return sample_from_path(resolve_model_path(run), prompt, tokens, temperature, seed)
+    return sample(load_model(run, "lm"), prompt, tokens, temperature, seed)
+
+
+def caption_command(image: str, beam: int = 3, run: str | None = None) -> str:
+    from rnnlab.data.images import load_image
+    from rnnlab.inference import resolve_model
+    from rnnlab.tasks.captioning import caption_images
+
+    load_image(image)  # a bad file is reported before any model is loaded or fetched
+    return caption_images(resolve_model(run, "captioning"), [image], beam_size=beam)[0]
 
 
 if __name__ == "__main__":

@@ -21,10 +21,14 @@ from rnnlab.errors import ConfigError
 T = TypeVar("T")
 
 
-def load_params(path: str | Path = "params.yaml") -> dict:
+PROFILES_DIR = "profiles"  # beside params.yaml: one overlay file per named profile
+BASE_PROFILE = "cpu"  # params.yaml itself; its overlay file is empty
+
+
+def read_yaml(path: str | Path, what: str = "params file") -> dict:
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: params file not found (run from the repository root)")
+        raise ConfigError(f"{path}: {what} not found (run from the repository root)")
     with path.open(encoding="utf-8") as fh:
         try:
             data = yaml.safe_load(fh) or {}
@@ -33,6 +37,46 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """``params.yaml`` with its ``profile`` applied: ``profiles/<profile>.yaml`` merged over it.
+
+    A profile (``cpu``, the default and params.yaml itself; ``full``, the GPU targets; ``tiny``,
+    the tests' profile) is selected with ``dvc exp run -S profile=<name>``, never by editing.
+    Its overlay is merged key by key (:func:`merge_overlay`)."""
+    path = Path(path)
+    params = read_yaml(path)
+    profile = params.get("profile", BASE_PROFILE)
+    if not isinstance(profile, str) or not profile:
+        raise ConfigError(f"{path}: profile: expected a profile name, got {profile!r}")
+    folder = path.parent / PROFILES_DIR
+    overlay_path = folder / f"{profile}.yaml"
+    if not overlay_path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise ConfigError(f"{path}: profile: {profile!r} has no file {overlay_path}; known profiles: {known}")
+    merged = merge_overlay(params, read_yaml(overlay_path, "profile file"), f"{overlay_path}")
+    merged["profile"] = profile
+    return merged
+
+
+def merge_overlay(base: Any, overlay: Any, where: str) -> Any:
+    """``overlay`` merged over ``base``: mappings key by key, anything else replaced.
+
+    A training section's ``runs`` may only override runs that params.yaml declares: DVC makes one
+    stage per run from params.yaml itself, so a profile cannot add one (it can set ``enabled:
+    false`` on the runs it leaves out)."""
+    if not isinstance(base, dict) or not isinstance(overlay, dict):
+        return overlay
+    out = dict(base)
+    for key, value in overlay.items():
+        if key == "runs" and isinstance(base.get("runs"), dict) and isinstance(value, dict):
+            unknown = sorted(set(value) - set(base["runs"]))
+            if unknown:
+                raise ConfigError(f"{where}: runs.{unknown[0]}: a profile can only change runs that params.yaml "
+                                  f"declares (DVC makes one stage per run from it); declared: {sorted(base['runs'])}")
+        out[key] = merge_overlay(base[key], value, f"{where}: {key}") if key in base else value
+    return out
 
 
 def section(params: dict, key: str) -> Any:
@@ -143,25 +187,29 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def merged_runs(name: str, defaults: dict, runs: list) -> list[tuple[str, dict]]:
-    """A training section's ``runs`` list, each merged over ``defaults``: ``[(where, merged)]``.
+def merged_runs(name: str, defaults: dict, runs: Any) -> list[tuple[str, str, dict]]:
+    """A training section's ``runs`` mapping (run name -> its keys), each merged over ``defaults``:
+    ``[(where, run name, merged)]`` in the order params.yaml lists them.
 
-    Every run must be a mapping with a ``name`` usable as a folder name, names unique; the merged
-    dict keeps ``name`` (each stage's own schema checks the other keys, naming ``where``)."""
+    Run names become folder names and DVC stage names (``train_lm@<name>``): non-empty, no '/'.
+    Each stage's own schema checks the other keys, naming ``where`` (``train_lm.runs.ptb-lstm``)."""
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{name}.defaults: expected a mapping, got {defaults!r}")
     if "name" in defaults:
-        raise ConfigError(f"{name}.defaults.name: a run name belongs in {name}.runs, not defaults")
-    if not runs:
-        raise ConfigError(f"{name}.runs: expected at least one run")
+        raise ConfigError(f"{name}.defaults.name: a run is named by its key in {name}.runs")
+    if not isinstance(runs, dict) or not runs:
+        raise ConfigError(f"{name}.runs: expected a mapping of run name -> its keys, with at least one run; "
+                          f"got {runs!r}")
     out = []
-    for i, run in enumerate(runs):
-        where = f"{name}.runs[{i}]"
+    for run_name, run in runs.items():
+        where = f"{name}.runs.{run_name}"
+        if not isinstance(run_name, str) or not run_name.strip() or "/" in run_name or "@" in run_name:
+            raise ConfigError(f"{where}: a run name must be a non-empty string without '/' or '@'")
+        if run is None:
+            run = {}
         if not isinstance(run, dict):
             raise ConfigError(f"{where}: expected a mapping, got {run!r}")
-        run_name = run.get("name")
-        if not isinstance(run_name, str) or not run_name.strip() or "/" in run_name:
-            raise ConfigError(f"{where}.name: expected a non-empty string without '/', got {run_name!r}")
-        out.append((where, {**defaults, **run}))
-    names = [merged["name"] for _, merged in out]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{name}.runs: run names must be unique, got {names}")
+        if "name" in run:
+            raise ConfigError(f"{where}.name: a run is named by its key in {name}.runs")
+        out.append((where, run_name, {**defaults, **run}))
     return out

@@ -1,6 +1,6 @@
 """Run a frozen CNN encoder once over all images and cache the spatial features.
 
-Output (the contract with :mod:`rnnlab.data.captions`):
+Output (the contract with :mod:`rnnlab.data.feature_cache`, its reader):
 
 - ``features.npy``: float16 ``[images, positions, channels]`` = ``[N, 49, C]`` (the 7x7 grid
   flattened row-major, position ``p`` = row ``p // 7``, column ``p % 7``), row ``i`` for ``names[i]``;
@@ -29,7 +29,6 @@ OpenMP threads that spin-wait for a descheduled sibling made 2 threads slower th
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -43,14 +42,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from rnnlab.data.feature_cache import FEATURES_FORMAT
 from rnnlab.data.images import ImageError, load_image
 from rnnlab.errors import DataError
 from rnnlab.io import atomic_path, write_json
 from rnnlab.models.image_encoder import IMAGE_SIZE, ImageEncoder, build_image_encoder
 
 log = logging.getLogger(__name__)
-
-FEATURES_FORMAT = "rnnlab.features/1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,19 +283,3 @@ def extract_features(
         "images_per_s": round(len(names) / seconds, 2),
         "shape": [len(kept), positions, channels],
     }
-
-
-def load_features(features_path: str | Path, index_path: str | Path, mmap: bool = True) -> tuple[np.ndarray, dict]:
-    """(features [N, positions, channels] float16, index dict); rows and names must agree."""
-    features_path, index_path = Path(features_path), Path(index_path)
-    for path in (features_path, index_path):
-        if not path.is_file():
-            raise DataError(f"{path}: feature cache missing (run feature extraction first)")
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    if index.get("format") != FEATURES_FORMAT:
-        raise DataError(f"{index_path}: format {index.get('format')!r}, expected {FEATURES_FORMAT!r}")
-    features = np.load(features_path, mmap_mode="r" if mmap else None)
-    expected = (len(index["names"]), index["grid"] ** 2, index["channels"])
-    if features.ndim != 3 or tuple(features.shape) != expected:
-        raise DataError(f"{features_path}: shape {tuple(features.shape)} does not match its index {expected}")
-    return features, index

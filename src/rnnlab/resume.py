@@ -1,13 +1,14 @@
 """Resumable training for every training stage (LM, seq2seq, captioning), on Lightning's own
-checkpoint/restore machinery.
+checkpoint/restore machinery (used by :func:`rnnlab.training.fit`).
 
 A run killed at any moment (SIGKILL, OOM, power loss) and started again continues from its last
 checkpoint instead of starting over, and on CPU with a fixed seed it ends with the same weights
 and metrics as a run that was never interrupted. What a checkpoint holds:
 
 - model, optimizer, LR scheduler, loop progress, callback states: Lightning's checkpoint;
-- the data position: ``ResumableLoader.state_dict`` (windows already served this epoch),
-  restored by Lightning's fit loop (a plain map-style DataLoader would restart the epoch);
+- the data position: ``ResumableLoader.state_dict`` (batches already served this epoch, and the
+  RNG state the epoch's shuffle was drawn from), restored by Lightning's fit loop (a plain
+  DataLoader would restart the epoch);
 - per-rank state, gathered from every DDP rank: the torch/numpy/python (and CUDA) RNG states
   and whatever the LightningModule returns from ``resume_state()`` (the LM's carried hidden
   state: each rank carries its own batch columns).
@@ -43,7 +44,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from rnnlab.errors import RnnlabError
 from rnnlab import io as rio
 from rnnlab.io import atomic_path, read_json, write_json
-from rnnlab.training import global_rank
+from rnnlab.distributed import global_rank
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,11 @@ class ResumeDir:
         self._identity = dict(identity)
         self.state: dict[str, Any] = {}
         self._open()
+
+    @classmethod
+    def scratch(cls, path: str | Path) -> "ResumeDir":
+        """A folder for one run outside any stage (library use, tests): never resumed."""
+        return cls(path, {}, enabled=False)
 
     @property
     def best_dir(self) -> Path:
@@ -215,47 +221,55 @@ class ResumeDir:
 
 # -- data position ----------------------------------------------------------------------------
 class ResumableLoader:
-    """Iterates a map-style dataset of ready-made batches in a fixed order, resumably.
+    """Wraps a training DataLoader (or any re-iterable of batches with a length, such as a dataset of
+    ready-made BPTT windows) so that an epoch
+    interrupted after N batches continues at batch N+1 with the same batches, in the same order.
 
-    Lightning saves ``state_dict()`` (items already served this epoch) in every checkpoint and,
-    when it restarts mid-epoch, calls ``load_state_dict`` before iterating: the next pass then
-    skips what was already trained on. ``order_seed`` gives a different, reproducible
-    permutation per pass instead of the natural order (seq2seq/captioning shuffles); BPTT
-    windows must stay in order (``None``).
+    Lightning saves ``state_dict()`` in every checkpoint and, when it restarts mid-epoch, calls
+    ``load_state_dict`` before iterating. The order of an epoch is reproduced, not stored: the
+    torch RNG state at the start of the pass (what a shuffling sampler draws from) is part of the
+    state, and a sampler with ``set_epoch`` (the bucket sampler) is told the pass index. The
+    batches already trained on are drawn again and skipped: cheap for BPTT windows and cached
+    features, and it keeps the uninterrupted run untouched (this wrapper consumes no randomness).
     """
 
-    def __init__(self, dataset: Sequence, order_seed: int | None = None):
-        self.dataset = dataset
-        self.order_seed = order_seed
-        self._passes = 0  # completed or started passes (the epoch index for order_seed)
+    def __init__(self, loader):
+        self.loader = loader
+        self._passes = 0  # passes started (the epoch index)
         self._served = 0
         self._skip = 0
+        self._pass_rng: torch.Tensor | None = None
+        self._resume_rng: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _order(self, pass_index: int) -> list[int]:
-        if self.order_seed is None:
-            return list(range(len(self.dataset)))
-        gen = torch.Generator().manual_seed(self.order_seed + pass_index)
-        return torch.randperm(len(self.dataset), generator=gen).tolist()
+        return len(self.loader)
 
     def __iter__(self) -> Iterator:
-        start, self._skip = self._skip, 0
         pass_index = self._passes
         self._passes += 1
-        order = self._order(pass_index)
-        for position in range(start, len(order)):
+        skip, self._skip = self._skip, 0
+        if skip and self._resume_rng is not None:
+            torch.set_rng_state(self._resume_rng)  # the epoch's shuffle is drawn as it was
+        self._pass_rng = torch.get_rng_state()
+        sampler = getattr(self.loader, "batch_sampler", None)
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(pass_index)
+        self._served = skip
+        for position, batch in enumerate(self.loader):
+            if position < skip:
+                continue
             self._served = position + 1  # counted when handed out: Lightning does not prefetch sized loaders
-            yield self.dataset[order[position]]
+            yield batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"served": self._served, "pass_index": self._passes - 1}
+    def state_dict(self) -> dict[str, Any]:
+        return {"served": self._served, "pass_index": self._passes - 1,
+                "pass_rng": self._pass_rng if self._pass_rng is not None else torch.get_rng_state()}
 
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._skip = int(state["served"])
         self._passes = int(state.get("pass_index", 0))
         self._served = self._skip
+        self._resume_rng = state.get("pass_rng")
 
 
 # -- RNG states (converted to tensors/ints so weights_only loading accepts them) ---------------

@@ -120,32 +120,24 @@ class LanguageModelPyfunc(PythonModel):
     n-gram run folder holding ``ngram.npz`` + ``vocab.json``)."""
 
     def load_context(self, context) -> None:
-        from rnnlab.generate import load_ngram, model_kind
+        from rnnlab.tasks.lm import load
 
-        self.kind, target = model_kind(Path(context.artifacts["checkpoint"]))
+        self.lm = load(Path(context.artifacts["checkpoint"]))
         config = context.model_config or {}
-        if self.kind == "ngram":
-            self.model, self.vocab, char_level = load_ngram(target)
-        else:
-            from rnnlab.checkpoints import load_language_model
-
-            self.model, self.vocab, hp = load_language_model(target)
-            char_level = (hp.get("tokenizer") or {}).get("name") == "char"
-        self.char_level = bool(config.get("char_level", char_level))
+        self.lm.char_level = bool(config.get("char_level", self.lm.char_level))
         self.default_tokens = int(config.get("tokens", 30))
 
     @_guard
     def predict(self, context, model_input, params=None):
-        from rnnlab.generate import sample_neural, sample_ngram
+        from rnnlab.generate import sample
 
-        sample = sample_ngram if self.kind == "ngram" else sample_neural
         out = []
         for i, row in enumerate(_rows(model_input, "prompt")):
             prompt = _text(row, "prompt", i)
             tokens = _int(row, "tokens", i, self.default_tokens, 1, MAX_TOKENS)
             temperature = _float(row, "temperature", i, 1.0, 0.0, 100.0)
             seed = _int(row, "seed", i, 0, 0, 2**31 - 1)
-            out.append(sample(self.model, self.vocab, prompt, tokens, temperature, seed, self.char_level))
+            out.append(sample(self.lm, prompt, tokens, temperature, seed))
         return pd.DataFrame({"text": out})
 
 
@@ -153,9 +145,9 @@ class TranslatorPyfunc(PythonModel):
     """English -> German from a train_seq2seq checkpoint (artifact ``checkpoint``)."""
 
     def load_context(self, context) -> None:
-        from rnnlab.tasks.seq2seq_task import load_translation_task
+        from rnnlab.tasks.translation import load
 
-        self.task = load_translation_task(context.artifacts["checkpoint"])
+        self.task = load(context.artifacts["checkpoint"])
         self.default_beam = int((context.model_config or {}).get("beam", 5))
 
     @_guard
@@ -182,8 +174,8 @@ class CaptionerPyfunc(PythonModel):
 
     @_guard
     def predict(self, context, model_input, params=None):
-        from rnnlab.caption_eval import caption_image_files
         from rnnlab.errors import DataError
+        from rnnlab.tasks.captioning import caption_images
 
         rows = _rows(model_input, "image")
         payloads = []
@@ -203,8 +195,8 @@ class CaptionerPyfunc(PythonModel):
                 path.write_bytes(data)
                 paths.append(path)
             try:
-                captions = caption_image_files(self.checkpoint, paths, beam_size=beams.pop(),
-                                               encoder_weights=self.encoder_weights)
+                captions = caption_images(self.checkpoint, paths, beam_size=beams.pop(),
+                                          encoder_weights=self.encoder_weights)
             except DataError as exc:
                 raise _bad(str(exc).replace(tmp + "/", "")) from None
         return pd.DataFrame({"caption": captions})

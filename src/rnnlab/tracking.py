@@ -243,14 +243,31 @@ class MlflowTracker(NullTracker):
         self._next_try = time.monotonic() + self.retry_interval_s
 
     def close(self, status: str) -> None:
-        """Last attempt to send the queue, then mark the run ``status``; report what was lost."""
-        self.flush(force=True)
-        if not self._queue:
-            try:
-                self.client.set_terminated(self.run_id, status=status)
-                return
-            except Exception as exc:  # noqa: BLE001
-                self._went_down(exc)
+        """Send the queue, then mark the run ``status``. A server that is away keeps being retried
+        for ``RNNLAB_MLFLOW_CLOSE_WAIT_S`` seconds (default 60: a server restart takes ~10 s), so a
+        run that ends during an outage still arrives whole; after that, report what was lost."""
+        wait_s = float(os.environ.get("RNNLAB_MLFLOW_CLOSE_WAIT_S", "60"))
+        deadline = time.monotonic() + wait_s
+        announced = False
+        while True:
+            self.flush(force=True)
+            if not self._queue:
+                try:
+                    self.client.set_terminated(self.run_id, status=status)
+                    return
+                except Exception as exc:  # noqa: BLE001
+                    if not _is_unreachable(exc):
+                        log.warning("MLflow rejected closing run %s as %s: %s", self.run_id, status, exc)
+                        return
+                    self._went_down(exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not announced:
+                log.warning("MLflow tracking at %s is unreachable at the end of run %s: retrying for up to %.0f s "
+                            "(%d calls queued)", self.uri, self.run_id, wait_s, self.queued_calls)
+                announced = True
+            time.sleep(min(2.0, left))
         log.warning(
             "MLflow tracking at %s unreachable at the end of run %s: %d calls (%d metric points) not recorded, "
             "%d metric points dropped while it was away, run left RUNNING (should be %s). The checkpoint and the "
@@ -336,7 +353,7 @@ def tracked_run(
     longer has it, a new run is created with a warning. An exception carrying ``run_status``
     (``rnnlab.resume.TrainingInterrupted``) or a KeyboardInterrupt closes the run KILLED.
     """
-    from rnnlab.training import global_rank
+    from rnnlab.distributed import global_rank
 
     root = (root or Path.cwd()).resolve()
     if not enabled or global_rank() != 0:
@@ -375,6 +392,13 @@ def tracked_run(
     except RnnlabError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend failure is reported the same way
+        text = str(exc)
+        if "error code 401" in text or "error code 403" in text:
+            code = "401" if "error code 401" in text else "403"
+            raise RnnlabError(
+                f"MLflow tracking server {redact_uri(uri)} refused the credentials (HTTP {code}): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment (never in params.yaml)"
+            ) from exc
         raise RnnlabError(f"MLflow tracking store {redact_uri(uri)} is unreachable: {exc}") from exc
     tracker = MlflowTracker(client, run_id, uri)
     all_tags = {"dvc_stage": stage, "rnnlab.run_name": run_name, **git_info(root), **(tags or {})}

@@ -1,22 +1,54 @@
-"""Shared training plumbing: Trainer settings from params, seeding, per-epoch history and
-tracking callbacks. Used by every training stage (LM, seq2seq, captioning)."""
+"""The one training loop of every task (language model, translation, captioning): :func:`fit`.
+
+``fit(module, datamodule, trainer_cfg, spec, resume, tracker)`` builds the one Trainer from params
+(accelerator, devices, strategy, precision, num_threads, determinism), the best-checkpoint and
+early-stopping callbacks (Lightning's ``ModelCheckpoint`` / ``EarlyStopping``), the per-epoch
+history that goes to MLflow and to the DVC plots, and resume after a kill (``ckpt_path`` into
+Lightning's own restore). A task only says what differs (:class:`FitSpec`: the monitored metric,
+patience, budget, clipping, whether its data can be sharded over several processes).
+
+What is hand-written here, and why (Lightning has pieces of the same name that do not do the job):
+
+- Resume is Lightning's ``trainer.fit(ckpt_path=...)`` on a folder of ours (:mod:`rnnlab.resume`):
+  fingerprinted by the run's config + data (a changed param must not resume an old run), holding
+  the RNG states and the LM's carried hidden state per rank, which Lightning's checkpoint lacks.
+- Signals: ``OnExceptionCheckpoint`` saves wherever the exception lands (mid-step: weights updated,
+  data position not), so SIGINT/SIGTERM are turned into a save at the *end* of the current batch.
+- Tracking goes through :mod:`rnnlab.tracking` rather than ``MLFlowLogger``: that logger cannot
+  queue calls while the tracking server is down, and a resumed row must continue its MLflow run.
+"""
 
 from __future__ import annotations
 
-import math
-import os
+import contextlib
+import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
 from rnnlab.config import require
+from rnnlab.resume import (
+    RANK_STATES_KEY,
+    AtomicCheckpointIO,
+    ResumeCallback,
+    ResumeDir,
+    fit_resumable,
+    load_checkpoint_file,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainerConfig:
+    """params ``trainer`` (shared by every training stage) merged with a section's own ``trainer``."""
+
     accelerator: str = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"
@@ -44,52 +76,66 @@ class TrainerConfig:
                 "num_nodes": self.num_nodes, "precision": self.precision, "deterministic": self.deterministic}
 
 
-def global_rank() -> int:
-    """This process's rank in a distributed run, from the launcher's environment (0 when alone).
+@dataclass
+class FitSpec:
+    """What one task asks of :func:`fit` (everything else comes from :class:`TrainerConfig`)."""
 
-    Known before the Trainer exists, so a stage can open the MLflow run and write outputs on
-    rank 0 only: torchrun sets RANK, SLURM sets SLURM_PROCID, Lightning's own launcher starts
-    ranks > 0 with LOCAL_RANK (and NODE_RANK on other machines).
-    """
-    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    if os.environ.get("SLURM_PROCID", "").isdigit() and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-        return int(os.environ["SLURM_PROCID"])
-    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0)
-    return local + node * 1_000_000  # exact value irrelevant off node 0: only "is it 0" matters there
+    max_epochs: int
+    monitor: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int | None = None  # early stopping on ``monitor`` (None: off)
+    limit_train_batches: int | float = 1.0
+    max_time_minutes: float | None = None  # interactive use only: results then depend on the machine
+    gradient_clip_val: float | None = None  # None: no Trainer clipping (the LM clips itself, logging the norm)
+    tokens_per_batch: Callable | None = None  # for tokens/s and the token-weighted epoch loss
+    distributed: bool = False  # True when the task's data shards itself over processes (the LM)
 
 
-def safe_exp(loss: float) -> float:
-    """Perplexity from a mean loss; inf rather than OverflowError for a diverged model."""
-    return math.exp(loss) if loss < 700 else float("inf")
+@dataclass
+class FitResult:
+    best_path: Path  # the best checkpoint (full training state; see :func:`save_model_checkpoint`)
+    history: "HistoryCallback"
+    trainer: pl.Trainer
+    wall_s: float  # training time, summed over interrupted processes
+    resume_callback: ResumeCallback | None = None
 
-
-def seed_everything(seed: int) -> None:
-    # cuBLAS needs this for deterministic GEMMs on GPU (pytorch #35661); harmless on CPU.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    pl.seed_everything(seed, workers=True, verbose=False)
+    @contextlib.contextmanager
+    def evaluation_guard(self) -> Iterator[None]:
+        """Around the evaluation after training: SIGINT/SIGTERM there still stop the stage cleanly
+        (``TrainingInterrupted`` once the block ends; a rerun evaluates again from the checkpoint)."""
+        if self.resume_callback is None:
+            yield
+            return
+        with self.resume_callback.catch_signals():
+            yield
+        self.resume_callback.raise_if_stopped()
 
 
 def make_trainer(cfg: TrainerConfig, callbacks: list, max_epochs: int, default_root_dir: str,
-                 **overrides) -> pl.Trainer:
-    """A Trainer from params. Every checkpoint it writes is atomic and every load ``weights_only``."""
-    from rnnlab.resume import AtomicCheckpointIO
-
+                 distributed: bool = True, **overrides) -> pl.Trainer:
+    """The one Trainer. Every checkpoint it writes is atomic and every load ``weights_only``."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    devices, strategy, num_nodes = cfg.devices, cfg.strategy, cfg.num_nodes
+    if not distributed and (devices not in ("auto", 1) or num_nodes != 1 or strategy not in ("auto", "single_device")):
+        log.warning("this task trains in one process (its validation needs the whole split): trainer.devices=%s, "
+                    "strategy=%s, num_nodes=%s ignored", devices, strategy, num_nodes)
+    if not distributed:
+        devices, strategy, num_nodes = 1, "auto", 1
+    deterministic = cfg.deterministic
+    if deterministic is True and torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"):
+        deterministic = "warn"  # cuDNN's LSTM backward has no deterministic mode
     kwargs = dict(
         accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        strategy=cfg.strategy,
-        num_nodes=cfg.num_nodes,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
         plugins=[AtomicCheckpointIO()],
         precision=cfg.precision,
-        deterministic=cfg.deterministic,
+        deterministic=deterministic,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
-        logger=False,  # metrics go to MLflow through TrackingCallback, once
+        logger=False,  # metrics go to MLflow through HistoryCallback, once
         callbacks=callbacks,
         max_epochs=max_epochs,
         num_sanity_val_steps=0,
@@ -97,6 +143,86 @@ def make_trainer(cfg: TrainerConfig, callbacks: list, max_epochs: int, default_r
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+class _LastValidated(pl.Callback):
+    """Remembers the global step whose weights the last validation round measured."""
+
+    def __init__(self):
+        self.step = -1
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def fit(module: pl.LightningModule, datamodule, cfg: TrainerConfig, spec: FitSpec, resume: ResumeDir,
+        tracker=None) -> FitResult:
+    """Train ``module`` on ``datamodule``; keep the best checkpoint by ``spec.monitor``.
+
+    With ``resume.enabled`` training continues from the newest readable checkpoint in ``resume``,
+    saves there every ``cfg.checkpoint_every_n_steps`` steps, at epoch ends and on SIGINT/SIGTERM
+    (then raises ``TrainingInterrupted``). The best checkpoint lives in ``resume.best_dir``, never in
+    a DVC output (DVC deletes those before rerunning a stage)."""
+    # save_on_train_epoch_end=False: the best checkpoint is taken when validation ends, before the
+    # epoch-end hooks, so the epoch-end resume checkpoint already holds this epoch's best score.
+    best = ModelCheckpoint(dirpath=resume.best_dir, filename="best", monitor=spec.monitor, mode=spec.mode,
+                           save_top_k=1, save_on_train_epoch_end=False)
+    history = HistoryCallback(tracker, tokens_per_batch=spec.tokens_per_batch)
+    validated = _LastValidated()
+    callbacks: list = [best, history, validated]
+    if spec.patience is not None:
+        callbacks.append(EarlyStopping(monitor=spec.monitor, mode=spec.mode, patience=spec.patience))
+    resume_callback = ResumeCallback(resume, cfg.checkpoint_every_n_steps) if resume.enabled else None
+    if resume_callback is not None:
+        callbacks.append(resume_callback)
+    overrides: dict = {"limit_train_batches": spec.limit_train_batches}
+    if spec.distributed:
+        # The datamodule shards itself; a DistributedSampler would deal whole windows round-robin.
+        overrides["use_distributed_sampler"] = False
+    if spec.max_time_minutes:
+        overrides["max_time"] = {"seconds": int(spec.max_time_minutes * 60 + 0.999)}
+    if spec.gradient_clip_val is not None:
+        overrides["gradient_clip_val"] = spec.gradient_clip_val
+    trainer = make_trainer(cfg, callbacks, spec.max_epochs, str(resume.path), distributed=spec.distributed,
+                           **overrides)
+    started = time.perf_counter()
+    if resume_callback is not None:
+        fit_resumable(trainer, module, datamodule, resume, resume_callback)
+        wall = resume_callback.elapsed_s
+    else:
+        trainer.fit(module, datamodule=datamodule)
+        wall = time.perf_counter() - started
+    best_path = Path(best.best_model_path) if best.best_model_path else None
+    if best_path is None or validated.step != trainer.global_step:
+        # Stopped before validating its last weights (max_time, or no validation round at all):
+        # score them too and keep whichever is better.
+        score = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get(spec.monitor)
+        better = best.best_model_score is None or (
+            score is not None and (score < float(best.best_model_score) if spec.mode == "min"
+                                   else score > float(best.best_model_score)))
+        if better:
+            best_path = resume.best_dir / "best.ckpt"
+            trainer.save_checkpoint(best_path)
+    return FitResult(best_path=best_path, history=history, trainer=trainer, wall_s=wall,
+                     resume_callback=resume_callback)
+
+
+def load_best_weights(module: pl.LightningModule, result: FitResult) -> None:
+    """Put the best checkpoint's weights into ``module``. By hand, not ``trainer.test(ckpt_path=...)``:
+    that would also restore the callbacks from the best epoch and cut the history back to it."""
+    module.load_state_dict(load_checkpoint_file(result.best_path)["state_dict"])
+
+
+TRAINING_ONLY_KEYS = ("optimizer_states", "lr_schedulers", "loops", "callbacks", RANK_STATES_KEY)
+
+
+def save_model_checkpoint(best_path: Path, final: Path) -> None:
+    """``model.ckpt``: the best checkpoint without the training-only state (optimizer, loops, RNG)."""
+    checkpoint = load_checkpoint_file(best_path)
+    for key in TRAINING_ONLY_KEYS:
+        checkpoint.pop(key, None)
+    AtomicCheckpointIO().save_checkpoint(checkpoint, final)
 
 
 def _distributed_world() -> int:

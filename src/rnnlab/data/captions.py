@@ -1,6 +1,6 @@
 """Flickr8k captions: reading, tokenising, and batching them with cached image features.
 
-Inputs (written by ``prepare`` and the feature cache, :mod:`rnnlab.features`):
+Inputs (written by ``prepare`` and the ``features`` stage; read by :mod:`rnnlab.data.feature_cache`):
 
 - the captions table ``captions.parquet``: one row per caption with columns ``split``
   (train/dev/test; other values such as ``none`` are ignored), ``image`` (file name),
@@ -13,7 +13,9 @@ batches *images*: a training batch holds ``batch_size`` images with all their ca
 5 per image), so each image's features and image-side projections are computed once for its 5
 captions. Captions are padded with ``<pad>``; inputs are ``<bos> w_1 .. w_n``, targets
 ``w_1 .. w_n <eos>``. The whole feature cache is held in memory as float16 (~1 GB for
-EfficientNet-Lite0) and each batch is converted to float32.
+EfficientNet-Lite0) and each batch is converted to float32. The training loader is a
+:class:`rnnlab.resume.ResumableLoader` over the shuffling DataLoader (same batches, same order), so
+a run killed mid-epoch resumes at the next batch.
 """
 
 from __future__ import annotations
@@ -30,15 +32,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rnnlab.data import readers
+from rnnlab.data.feature_cache import load_features
 from rnnlab.data.tokenize import Tokenizer, WordTokenizer
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import DataError
-from rnnlab.features import load_features
+from rnnlab.resume import ResumableLoader
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 REQUIRED_COLUMNS = ("split", "image", "caption_index", "caption")
+CAPTIONS_FILE = "captions.parquet"
+
+
+def read_prepared_captions(prepared_dir: str | Path, corpus: str = "flickr8k") -> pd.DataFrame:
+    """``<prepared_dir>/<corpus>/captions.parquet`` (what ``prepare`` writes)."""
+    path = Path(prepared_dir) / corpus / CAPTIONS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: prepared captions missing (run the prepare stage)")
+    return pd.read_parquet(path)
 
 
 def read_flickr8k(raw_dir: str | Path, image_dir: str | Path | None = None) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -217,8 +229,9 @@ class CaptionDataModule(pl.LightningDataModule):
         return DataLoader(_ImageCaptions(data), batch_size=batch_size, shuffle=shuffle,
                           collate_fn=lambda ids: self.collate(data, ids), num_workers=0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+    def train_dataloader(self) -> ResumableLoader:
+        # Resumable mid-epoch: its position and the epoch's shuffle RNG go into every checkpoint.
+        return ResumableLoader(self._loader("train", True, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("dev", False, self.eval_batch_size)

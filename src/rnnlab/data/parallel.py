@@ -37,6 +37,7 @@ from rnnlab.data.bpe import BPETokenizer, tokenizer_from_dict
 from rnnlab.data.tokenize import Tokenizer, WordTokenizer
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import ConfigError, DataError
+from rnnlab.resume import ResumableLoader
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,17 @@ class Collator:
 
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar length. With ``shuffle`` every pass (epoch) draws a new order from
-    ``seed + epoch``; the epoch counter advances on each ``__iter__``, so a rerun is identical."""
+    ``seed + epoch``; the epoch counter advances on each ``__iter__``, so a rerun is identical.
+    ``set_epoch(k)`` sets the counter (a resumed run: its next pass is epoch ``k``, ordered as the
+    uninterrupted run's epoch ``k``; :class:`rnnlab.resume.ResumableLoader` calls it each pass)."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, pool_batches: int = 50):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.shuffle, self.seed, self.pool_batches = batch_size, shuffle, seed, pool_batches
         self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
@@ -265,8 +271,9 @@ class ParallelDataModule(pl.LightningDataModule):
         sampler = BucketBatchSampler(dataset.lengths(), batch_size, shuffle=shuffle, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator())
 
-    def train_dataloader(self) -> DataLoader:
-        return self.loader("train")
+    def train_dataloader(self) -> ResumableLoader:
+        """The train loader, resumable mid-epoch (its position is saved in every checkpoint)."""
+        return ResumableLoader(self.loader("train"))
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val")

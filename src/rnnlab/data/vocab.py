@@ -95,3 +95,14 @@ class Vocab:
     @classmethod
     def load(cls, path: str | Path) -> Vocab:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def check_vocab(model_vocab: Vocab, expected: Vocab | None, where: str) -> None:
+    """A model's vocabulary must be the one saved beside it / prepared with its data (same ids)."""
+    from rnnlab.errors import RnnlabError
+
+    if expected is not None and model_vocab.fingerprint() != expected.fingerprint():
+        raise RnnlabError(
+            f"{where}: the checkpoint's vocabulary ({len(model_vocab)} tokens, {model_vocab.fingerprint()}) "
+            f"does not match the saved vocabulary ({len(expected)} tokens, {expected.fingerprint()})"
+        )

@@ -86,8 +86,8 @@ class _CaptionDecoderBase(nn.Module):
 class ShowAndTell(_CaptionDecoderBase):
     """Image -> first LSTM input; words -> ``nn.LSTM`` -> linear (see the module docstring)."""
 
-    def __init__(self, vocab_size: int, feature_size: int, embedding_size: int = 256, hidden_size: int = 512,
-                 dropout: float = 0.5, pad_id: int = 0):
+    def __init__(self, vocab_size: int, feature_size: int, *, embedding_size: int, hidden_size: int,
+                 dropout: float, pad_id: int = 0):
         super().__init__(vocab_size, feature_size, embedding_size, hidden_size, dropout, pad_id)
         self.hparams = dict(vocab_size=vocab_size, feature_size=feature_size, embedding_size=embedding_size,
                             hidden_size=hidden_size, dropout=dropout, pad_id=pad_id)
@@ -132,8 +132,8 @@ class ShowAndTell(_CaptionDecoderBase):
 class ShowAttendTell(_CaptionDecoderBase):
     """Soft attention over the spatial positions at every step (see the module docstring)."""
 
-    def __init__(self, vocab_size: int, feature_size: int, embedding_size: int = 256, hidden_size: int = 512,
-                 attention_size: int = 512, dropout: float = 0.5, pad_id: int = 0):
+    def __init__(self, vocab_size: int, feature_size: int, *, embedding_size: int, hidden_size: int,
+                 attention_size: int, dropout: float, pad_id: int = 0):
         super().__init__(vocab_size, feature_size, embedding_size, hidden_size, dropout, pad_id)
         if attention_size < 1:
             raise ConfigError(f"attention_size must be >= 1, got {attention_size}")

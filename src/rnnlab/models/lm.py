@@ -1,90 +1,96 @@
-"""Word/char language models sharing one interface (time-first tensors).
+"""The language models (time-first tensors): one shell, a pluggable recurrent core.
 
-Every neural LM here is a plain ``nn.Module`` with:
+:class:`RecurrentLanguageModel` is embedding -> dropout -> recurrent core -> dropout -> linear
+output (optionally tied to the embedding), as pytorch/examples word_language_model. The core
+(params ``train_lm.runs.<run>.model``):
 
-- ``forward(tokens, state) -> (logits, state)``: ``tokens`` [seq, batch] int64,
-  ``logits`` [seq, batch, vocab]; ``state`` is whatever the model carries between
-  consecutive BPTT windows (a tensor, a tuple of tensors, or None).
-- ``init_state(batch_size, device)``: the state at the start of a stream.
-- ``hparams``: the constructor's keyword arguments, so a checkpoint can rebuild the model.
+- ``lstm`` / ``gru``: ``nn.LSTM`` / ``nn.GRU`` (the fused library kernels);
+- ``rnn``: the lecture's Elman network written out by hand (:class:`rnnlab.models.rnn.ElmanRNN`,
+  ``h(t) = tanh(U x(t) + W h(t-1) + b)``; the shell's output layer is ``y(t) = V h(t) + c``);
+- ``lstm_hand`` / ``lstm_peephole``: the hand-written LSTM cell with BPTT written out, without /
+  with peepholes (:class:`rnnlab.models.lstm_cell.HandLSTM`), tested against ``nn.LSTM``.
 
-``LANGUAGE_MODELS`` maps the params name (``train_lm.runs[*].model``) to the class;
-``build_language_model`` is the only place that turns a name into a module.
+``mlp`` (Bengio et al. 2003) is feed-forward: its "state" is the last n-1 tokens, so it is its
+own module (:class:`rnnlab.models.mlp_lm.MLPLanguageModel`) on the same interface and init.
+
+Every LM: ``forward(tokens [seq, batch], state) -> (logits [seq, batch, vocab], state)``;
+``init_state(batch_size, device)``; ``hparams`` (the constructor's kwargs, so a checkpoint
+rebuilds it). :func:`build_language_model` is the only place a name becomes a module.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
 
 from rnnlab.errors import ConfigError
+from rnnlab.models.lm_parts import check_lm_hparams, init_output_layer
+from rnnlab.models.lstm_cell import HandLSTM
+from rnnlab.models.mlp_lm import MLPLanguageModel
+from rnnlab.models.rnn import ElmanRNN
+
+RECURRENT_CORES = ("lstm", "gru", "rnn", "lstm_hand", "lstm_peephole")
 
 
-def detach_state(state: Any) -> Any:
-    """Cut the autograd graph at a BPTT window boundary while keeping the values (truncated BPTT)."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, (tuple, list)):
-        return type(state)(detach_state(s) for s in state)
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    raise TypeError(f"cannot detach state of type {type(state).__name__}")
+def build_core(core: str, input_size: int, hidden_size: int, num_layers: int, dropout: float) -> nn.Module:
+    between = dropout if num_layers > 1 else 0.0  # dropout between stacked layers only
+    if core == "lstm":
+        return nn.LSTM(input_size, hidden_size, num_layers, dropout=between)
+    if core == "gru":
+        return nn.GRU(input_size, hidden_size, num_layers, dropout=between)
+    if core == "rnn":
+        return ElmanRNN(input_size, hidden_size, num_layers, dropout=between)
+    if core in ("lstm_hand", "lstm_peephole"):
+        return HandLSTM(input_size, hidden_size, num_layers, dropout=between, peepholes=core == "lstm_peephole")
+    raise ConfigError(f"unknown recurrent core {core!r}; valid names: {list(RECURRENT_CORES)}")
 
 
-class LSTMLanguageModel(nn.Module):
-    """Embedding -> multi-layer ``nn.LSTM`` (cuDNN/oneDNN fast path) -> linear, as in
-    pytorch/examples word_language_model; optional weight tying (Press & Wolf 2017)."""
-
-    cell_type = "lstm"
-
+class RecurrentLanguageModel(nn.Module):
     def __init__(
         self,
         vocab_size: int,
-        embedding_size: int = 200,
-        hidden_size: int = 200,
-        num_layers: int = 2,
-        dropout: float = 0.2,
+        core: str,
+        *,
+        embedding_size: int,
+        hidden_size: int,
+        num_layers: int,
+        dropout: float,
         tie_weights: bool = False,
     ):
         super().__init__()
-        if tie_weights and embedding_size != hidden_size:
-            raise ConfigError(
-                f"tie_weights needs embedding_size == hidden_size, got {embedding_size} and {hidden_size}"
-            )
-        self.hparams = dict(
-            vocab_size=vocab_size,
-            embedding_size=embedding_size,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            dropout=dropout,
-            tie_weights=tie_weights,
-        )
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        check_lm_hparams(embedding_size, hidden_size, num_layers, dropout, tie_weights)
+        self.hparams = dict(vocab_size=vocab_size, core=core, embedding_size=embedding_size, hidden_size=hidden_size,
+                            num_layers=num_layers, dropout=dropout, tie_weights=tie_weights)
+        self.core_name, self.hidden_size, self.num_layers = core, hidden_size, num_layers
         self.drop = nn.Dropout(dropout)
         self.embedding = nn.Embedding(vocab_size, embedding_size)
-        rnn_cls = {"lstm": nn.LSTM, "gru": nn.GRU}[self.cell_type]
-        self.rnn = rnn_cls(embedding_size, hidden_size, num_layers, dropout=dropout if num_layers > 1 else 0.0)
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-        if tie_weights:
-            self.decoder.weight = self.embedding.weight
-        self._init_weights()
+        self.rnn = build_core(core, embedding_size, hidden_size, num_layers, dropout)
+        self.decoder = nn.Linear(hidden_size, vocab_size)  # the lecture's V (weight) and c (bias)
+        init_output_layer(self.embedding, self.decoder, tie_weights)
 
-    def _init_weights(self) -> None:
-        # Same uniform init as pytorch/examples, so results compare with its reference numbers.
-        init_range = 0.1
-        nn.init.uniform_(self.embedding.weight, -init_range, init_range)
-        nn.init.zeros_(self.decoder.bias)
-        if self.decoder.weight is not self.embedding.weight:
-            nn.init.uniform_(self.decoder.weight, -init_range, init_range)
+    @property
+    def cell_type(self) -> str:
+        """What the state is: ``lstm`` (h, c) for every LSTM core, else the core's name."""
+        return "lstm" if self.core_name in ("lstm", "lstm_hand", "lstm_peephole") else self.core_name
+
+    # The lecture's names for the output layer: y(t) = V h(t) + c.
+    @property
+    def V(self) -> torch.Tensor:  # noqa: N802
+        return self.decoder.weight
+
+    @property
+    def c(self) -> torch.Tensor:
+        return self.decoder.bias
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The hand-written cores' layers (``rnn``, ``lstm_hand``, ``lstm_peephole``)."""
+        if not hasattr(self.rnn, "layers"):
+            raise AttributeError(f"the {self.core_name!r} core is a library module without hand-written layers")
+        return self.rnn.layers
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu"):
-        shape = (self.num_layers, batch_size, self.hidden_size)
-        weight = self.decoder.weight
-        zeros = torch.zeros(shape, device=device, dtype=weight.dtype)
+        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.decoder.weight.dtype)
         return (zeros, zeros.clone()) if self.cell_type == "lstm" else zeros
 
     def forward(self, tokens: torch.Tensor, state=None):
@@ -95,37 +101,22 @@ class LSTMLanguageModel(nn.Module):
         logits = self.decoder(self.drop(output))  # [seq, batch, vocab]
         return logits, state
 
+    @torch.no_grad()
+    def copy_from_torch_lstm(self, lstm: nn.LSTM) -> None:
+        """Hand-written LSTM cores: load an ``nn.LSTM``'s weights (peepholes set to 0)."""
+        self.rnn.copy_from_torch_lstm(lstm)
+
     def embedding_matrix(self) -> torch.Tensor:
         return self.embedding.weight
 
 
-class GRULanguageModel(LSTMLanguageModel):
-    """Same as the LSTM LM with ``nn.GRU`` as the recurrent core."""
-
-    cell_type = "gru"
-
-
-# The hand-written models live in their own modules (they import nothing from this one).
-from rnnlab.models.lstm_cell import HandLSTMLanguageModel, PeepholeLSTMLanguageModel  # noqa: E402
-from rnnlab.models.mlp_lm import MLPLanguageModel  # noqa: E402
-from rnnlab.models.rnn import ElmanRNNLanguageModel  # noqa: E402
-
-LANGUAGE_MODELS: dict[str, type[nn.Module]] = {
-    "lstm": LSTMLanguageModel,
-    "gru": GRULanguageModel,
-    "rnn": ElmanRNNLanguageModel,
-    "lstm_hand": HandLSTMLanguageModel,
-    "lstm_peephole": PeepholeLSTMLanguageModel,
-    "mlp": MLPLanguageModel,
-}
+LANGUAGE_MODELS = (*RECURRENT_CORES, "mlp")  # the names train_lm.runs.<run>.model accepts (+ ngram)
 
 
 def build_language_model(name: str, vocab_size: int, **hparams) -> nn.Module:
-    if name not in LANGUAGE_MODELS:
+    if name == "mlp":
+        return MLPLanguageModel(vocab_size=vocab_size, **hparams)
+    if name not in RECURRENT_CORES:
         raise ConfigError(f"unknown language model {name!r}; valid names: {sorted(LANGUAGE_MODELS)}")
-    return LANGUAGE_MODELS[name](vocab_size=vocab_size, **hparams)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct trainable parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    hparams.pop("core", None)
+    return RecurrentLanguageModel(vocab_size=vocab_size, core=name, **hparams)

@@ -33,7 +33,6 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from rnnlab.models.rnn import check_lm_hparams
 
 
 def lstm_cell(
@@ -215,58 +214,25 @@ class HandLSTMLayer(nn.Module):
             self.peephole.zero_()
 
 
-class PeepholeLSTMLanguageModel(nn.Module):
-    """Embedding -> stacked :class:`HandLSTMLayer` -> linear; the hand-written twin of
-    :class:`rnnlab.models.lm.LSTMLanguageModel` (same kwargs, dropout placement and init)."""
+class HandLSTM(nn.Module):
+    """The recurrent core ``rnn`` of the language model (:class:`rnnlab.models.lm.RecurrentLanguageModel`):
+    stacked :class:`HandLSTMLayer` (with or without peepholes), dropout between them.
 
-    cell_type = "lstm"
+    ``forward(x [seq, batch, in], (h0, c0) each [num_layers, batch, hidden]) -> (h [seq, batch, hidden],
+    (h_last, c_last))``, the call signature of ``nn.LSTM``, so the two swap in the shell.
+    """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        embedding_size: int = 200,
-        hidden_size: int = 200,
-        num_layers: int = 2,
-        dropout: float = 0.2,
-        tie_weights: bool = False,
-        peepholes: bool = True,
-    ):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 peepholes: bool = True):
         super().__init__()
-        check_lm_hparams(embedding_size, hidden_size, num_layers, dropout, tie_weights)
-        self.hparams = dict(
-            vocab_size=vocab_size,
-            embedding_size=embedding_size,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            dropout=dropout,
-            tie_weights=tie_weights,
-            peepholes=peepholes,
-        )
         self.hidden_size, self.num_layers = hidden_size, num_layers
-        self.drop = nn.Dropout(dropout)
-        self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.layers = nn.ModuleList(
-            HandLSTMLayer(embedding_size if i == 0 else hidden_size, hidden_size, peepholes)
-            for i in range(num_layers)
+            HandLSTMLayer(input_size if i == 0 else hidden_size, hidden_size, peepholes) for i in range(num_layers)
         )
-        self.decoder = nn.Linear(hidden_size, vocab_size)
-        init_range = 0.1
-        nn.init.uniform_(self.embedding.weight, -init_range, init_range)
-        nn.init.zeros_(self.decoder.bias)
-        if tie_weights:
-            self.decoder.weight = self.embedding.weight
-        else:
-            nn.init.uniform_(self.decoder.weight, -init_range, init_range)
+        self.drop = nn.Dropout(dropout)
 
-    def init_state(self, batch_size: int, device: torch.device | str = "cpu"):
-        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.decoder.weight.dtype)
-        return zeros, zeros.clone()
-
-    def forward(self, tokens: torch.Tensor, state=None):
-        if state is None:
-            state = self.init_state(tokens.size(1), tokens.device)
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         h0, c0 = state  # each [num_layers, batch, hidden]
-        x = self.drop(self.embedding(tokens))  # [seq, batch, emb]
         h_last, c_last = [], []
         for i, layer in enumerate(self.layers):
             x, (h, c) = layer(x, (h0[i], c0[i]))  # x: [seq, batch, hidden]
@@ -274,21 +240,9 @@ class PeepholeLSTMLanguageModel(nn.Module):
                 x = self.drop(x)  # nn.LSTM's inter-layer dropout
             h_last.append(h)
             c_last.append(c)
-        logits = self.decoder(self.drop(x))  # [seq, batch, vocab]
-        return logits, (torch.stack(h_last), torch.stack(c_last))
+        return x, (torch.stack(h_last), torch.stack(c_last))
 
     @torch.no_grad()
     def copy_from_torch_lstm(self, lstm: nn.LSTM) -> None:
         for i, layer in enumerate(self.layers):
             layer.copy_from_torch_lstm(lstm, i)
-
-    def embedding_matrix(self) -> torch.Tensor:
-        return self.embedding.weight
-
-
-class HandLSTMLanguageModel(PeepholeLSTMLanguageModel):
-    """The hand-written LSTM without peepholes: same function as ``nn.LSTM``, unfused."""
-
-    def __init__(self, vocab_size: int, embedding_size: int = 200, hidden_size: int = 200, num_layers: int = 2,
-                 dropout: float = 0.2, tie_weights: bool = False, peepholes: bool = False):
-        super().__init__(vocab_size, embedding_size, hidden_size, num_layers, dropout, tie_weights, peepholes)

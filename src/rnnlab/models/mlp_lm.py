@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rnnlab.errors import ConfigError
-from rnnlab.models.rnn import check_lm_hparams
+from rnnlab.models.lm_parts import check_lm_hparams, init_output_layer
 
 EOS_ID = 3  # rnnlab.data.vocab.Vocab.eos_id
 
@@ -31,10 +31,11 @@ class MLPLanguageModel(nn.Module):
     def __init__(
         self,
         vocab_size: int,
-        embedding_size: int = 60,
-        hidden_size: int = 200,
+        *,
+        embedding_size: int,
+        hidden_size: int,
+        dropout: float,
         context_size: int = 4,
-        dropout: float = 0.2,
         direct_connections: bool = False,
         tie_weights: bool = False,
         num_layers: int = 1,
@@ -61,13 +62,7 @@ class MLPLanguageModel(nn.Module):
         self.hidden = nn.Linear(context_size * embedding_size, hidden_size)  # H, d
         self.output = nn.Linear(hidden_size, vocab_size)  # O, b
         self.direct = nn.Linear(context_size * embedding_size, vocab_size, bias=False) if direct_connections else None
-        init_range = 0.1
-        nn.init.uniform_(self.embedding.weight, -init_range, init_range)
-        nn.init.zeros_(self.output.bias)
-        if tie_weights:
-            self.output.weight = self.embedding.weight
-        else:
-            nn.init.uniform_(self.output.weight, -init_range, init_range)
+        init_output_layer(self.embedding, self.output, tie_weights)
         if self.direct is not None:
             nn.init.zeros_(self.direct.weight)  # start as the plain MLP; the direct path learns what it adds
 

@@ -22,18 +22,6 @@ import math
 import torch
 from torch import nn
 
-from rnnlab.errors import ConfigError
-
-
-def check_lm_hparams(embedding_size: int, hidden_size: int, num_layers: int, dropout: float, tie_weights: bool):
-    """Range checks shared by the hand-written LMs; errors name the offending key."""
-    for key, value in (("embedding_size", embedding_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
-    if tie_weights and embedding_size != hidden_size:
-        raise ConfigError(f"tie_weights needs embedding_size == hidden_size, got {embedding_size} and {hidden_size}")
 
 
 class ElmanRNNLayer(nn.Module):
@@ -73,62 +61,28 @@ def elman_rnn_layer(
     return torch.stack(outputs), h
 
 
-class ElmanRNNLanguageModel(nn.Module):
-    """Embedding x(t) -> stacked hand-written Elman layers -> ``y(t) = V h(t) + c`` logits.
+class ElmanRNN(nn.Module):
+    """The recurrent core ``rnn`` of the language model (:class:`rnnlab.models.lm.RecurrentLanguageModel`):
+    stacked Elman layers, dropout between them. With the shell's output layer (``V``, ``c``) this is the
+    lecture's network: ``y(t) = V h(t) + c`` on the top layer's ``h(t)``.
 
-    Interface as :class:`rnnlab.models.lm.LSTMLanguageModel`: ``forward(tokens [seq, batch],
-    state [num_layers, batch, hidden]) -> (logits [seq, batch, vocab], state)``.
+    ``forward(x [seq, batch, in], h0 [num_layers, batch, hidden]) -> (h [seq, batch, hidden], h_last)``,
+    the call signature of ``nn.RNN``.
     """
 
-    cell_type = "rnn"
-
-    def __init__(
-        self,
-        vocab_size: int,
-        embedding_size: int = 200,
-        hidden_size: int = 200,
-        num_layers: int = 1,
-        dropout: float = 0.2,
-        tie_weights: bool = False,
-    ):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0):
         super().__init__()
-        check_lm_hparams(embedding_size, hidden_size, num_layers, dropout, tie_weights)
-        self.hparams = dict(
-            vocab_size=vocab_size,
-            embedding_size=embedding_size,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            dropout=dropout,
-            tie_weights=tie_weights,
-        )
         self.hidden_size, self.num_layers = hidden_size, num_layers
-        self.drop = nn.Dropout(dropout)
-        self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.layers = nn.ModuleList(
-            ElmanRNNLayer(embedding_size if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
+            ElmanRNNLayer(input_size if i == 0 else hidden_size, hidden_size) for i in range(num_layers)
         )
-        init_range = 0.1  # same output/embedding init as the nn.LSTM LM
-        nn.init.uniform_(self.embedding.weight, -init_range, init_range)
-        if tie_weights:
-            self.V = self.embedding.weight  # [q, p] shared with the input embedding
-        else:
-            self.V = nn.Parameter(torch.empty(vocab_size, hidden_size).uniform_(-init_range, init_range))
-        self.c = nn.Parameter(torch.zeros(vocab_size))  # [q]
+        self.drop = nn.Dropout(dropout)
 
-    def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.c.dtype)
-
-    def forward(self, tokens: torch.Tensor, state: torch.Tensor | None = None):
-        if state is None:
-            state = self.init_state(tokens.size(1), tokens.device)
-        x = self.drop(self.embedding(tokens))  # x: [seq, batch, emb]
+    def forward(self, x: torch.Tensor, state: torch.Tensor):
         last_states = []
         for i, layer in enumerate(self.layers):
             x, h_last = layer(x, state[i])  # x: [seq, batch, hidden]
-            x = self.drop(x)  # between layers and before the output, as in the nn.LSTM LM
+            if i < self.num_layers - 1:
+                x = self.drop(x)  # between layers, as nn.RNN's dropout
             last_states.append(h_last)
-        logits = torch.matmul(x, self.V.t()) + self.c  # y(t) = V h(t) + c: [seq, batch, vocab]
-        return logits, torch.stack(last_states)  # state: [num_layers, batch, hidden]
-
-    def embedding_matrix(self) -> torch.Tensor:
-        return self.embedding.weight
+        return x, torch.stack(last_states)  # state: [num_layers, batch, hidden]

@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,8 @@ from rnnlab.config import parse_section, require
 from rnnlab.data.lm_data import batchify
 from rnnlab.errors import ConfigError
 from rnnlab.io import write_json
-from rnnlab.models.lm import LANGUAGE_MODELS, build_language_model, detach_state
+from rnnlab.models.lm import LANGUAGE_MODELS, build_language_model
+from rnnlab.models.lm_parts import detach_state
 from rnnlab.study.gradient_flow import decay_per_step, gradient_norm_by_lag, windows_from_stream
 from rnnlab.study.long_lag import fit_long_lag, set_forget_gate_bias, single_threaded
 
@@ -355,18 +356,3 @@ def run_study(cfg: StudyConfig, seed: int, prepared_dir: Path, plots_dir: Path, 
             tracker.log_artifact(path, "study")
     log.info("study: %s", metrics)
     return metrics
-
-
-def study_stage(params: dict, prepared_dir: Path, plots_dir: Path, pictures_dir: Path, metrics_path: Path) -> dict:
-    """The ``study`` DVC stage body: parse params ``study``, run, track in one MLflow run."""
-    from rnnlab.config import section
-    from rnnlab.stages import get_seed, tracking_enabled
-    from rnnlab.tracking import tracked_run
-
-    cfg = parse_study_config(section(params, "study"))
-    seed = get_seed(params)
-    with tracked_run(run_name="study", stage="study", experiment=cfg.experiment, enabled=tracking_enabled(params),
-                     params={"seed": seed, **asdict(cfg)},
-                     data_deps=[prepared_dir / cfg.corpus / f for f in ("train.npy", "valid.npy")],
-                     tags={"task": "study"}) as tracker:
-        return run_study(cfg, seed, prepared_dir, plots_dir, pictures_dir, metrics_path, tracker)

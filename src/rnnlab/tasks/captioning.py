@@ -1,0 +1,595 @@
+"""Captioning (Flickr8k): a CNN+LSTM caption decoder on cached image features, the ``train_captioner`` task.
+
+The task interface is :mod:`rnnlab.tasks.base`; :func:`rnnlab.stages.train.train_stage` calls
+:func:`train` once per run of ``train_captioner.runs``.
+
+Training (:func:`train`): teacher forcing (Adam, dropout, gradient clipping) through the one
+training loop :func:`rnnlab.training.fit`, keeping the weights with the best ``val/loss`` on the
+dev split; the train loader resumes mid-epoch after a kill. Then the test images are decoded
+freely (greedy = beam 1, and beam search) and scored (:func:`evaluate`): corpus BLEU-1..4 and
+sacreBLEU (:mod:`rnnlab.metrics`), captions/s; the PNG grids are drawn (:mod:`rnnlab.plots`).
+
+Loss (:class:`CaptioningTask`): token-level cross-entropy over the non-pad target tokens, plus
+``alpha_c`` times the doubly stochastic attention penalty for the soft-attention decoder. Logged:
+``train/loss`` (the optimised total), ``train/ce``, ``val/loss`` (token-weighted cross-entropy over
+the whole dev split) and ``val/ppl``. BLEU is never computed under teacher forcing.
+
+BLEU tokenisation: :class:`rnnlab.data.tokenize.WordTokenizer` with lower-casing, the tokenizer the
+model is trained with. References are all captions of an image (5 for Flickr8k) tokenised that
+way, never truncated and never mapped to ``<unk>``; hypotheses are the decoded tokens (``<unk>``
+stays a token that matches nothing). sacreBLEU gets the raw reference captions.
+
+The model folder ``data/models/captioner/<run>/`` holds everything a fresh process needs to caption
+a new image: ``model.ckpt`` (weights, hparams incl. the encoder name, vocabulary, tokenizer; read
+with ``weights_only=True``), ``vocab.json``, ``run.json`` (the run config and the evaluation
+settings :func:`score` reuses to reproduce the numbers), ``metrics.json``, ``samples.png`` (test
+images, generated vs reference captions) and, for soft attention, ``attention.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from rnnlab.config import flatten, parse_section, require
+from rnnlab.data.captions import CaptionDataModule, read_prepared_captions
+from rnnlab.data.feature_cache import FEATURES_FILE, INDEX_FILE, load_features, read_index
+from rnnlab.data.tokenize import Tokenizer, WordTokenizer, build_tokenizer
+from rnnlab.data.vocab import Vocab
+from rnnlab.decoding import beam_search, greedy_decode
+from rnnlab.errors import ConfigError, DataError, RnnlabError, TrainingError
+from rnnlab.io import read_json, write_json
+from rnnlab.metrics import corpus_bleu, decode_name, perplexity, sacrebleu_standard
+from rnnlab.models.captioner import build_captioner, incremental_decoder
+from rnnlab.models.image_encoder import ENCODER_NAMES
+from rnnlab.tasks.base import RunContext, StagePaths, TrainOutput
+from rnnlab.resume import load_checkpoint_file
+from rnnlab.training import FitSpec, fit, load_best_weights, save_model_checkpoint
+
+log = logging.getLogger(__name__)
+
+SECTION = "train_captioner"
+TASK = "captioning"
+EXPERIMENT = "rnnlab-captioner"
+CORPUS = "flickr8k"
+MODEL_FILE = "model.ckpt"
+VOCAB_FILE = "vocab.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+BLEU_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4")
+
+
+# --------------------------------------------------------------------------------------------
+# params
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """Keys of one ``train_captioner`` run (``defaults`` merged with ``runs.<name>``).
+
+    decoder: ``show_tell`` (Vinyals et al.) or ``soft_attention`` (Xu et al., soft).
+    encoder: name of the CNN that produced the feature cache (efficientnet_lite0 | resnet18 |
+        resnet50 | small_cnn); checked against the cache's index so features and model agree.
+    embedding_size, hidden_size: word embedding and LSTM sizes.
+    attention_size: size of the additive attention MLP (soft_attention only). Its per-step cost
+        is captions x 49 x attention_size elementwise work, the CPU bottleneck of that decoder.
+    dropout: on word embeddings, the image embedding (show_tell) and the LSTM output.
+    lr: Adam learning rate.  gradient_clip_val: max global gradient norm (null: no clipping).
+    batch_size: *images* per training batch; each brings all its captions (~5), so a batch has
+        about 5 x batch_size captions.  eval_batch_size: images per validation/decoding batch.
+    max_epochs: passes over the train images.  max_time_minutes: optional wall-clock cap on
+        training (null: none; results then depend on the machine).  limit_train_batches:
+        fraction (float) or number (int) of train batches per epoch (smoke runs).
+    alpha_c: weight of the doubly stochastic attention penalty (soft_attention only).
+    min_freq: a train-split word needs this many occurrences to enter the vocabulary.
+    max_len: captions are cut to this many words for training; decoding stops after max_len
+        words (+ <eos>).
+    beam_sizes: test decoding settings; 1 = greedy (e.g. [1, 3, 5]).
+    length_penalty: GNMT length penalty alpha for beam search (0 = rank by raw log-prob).
+    grid_images: how many test images the PNG grids show.
+    enabled: false in a profile that leaves this run out (the stage writes a row saying so).
+    CPU threads are the shared ``trainer.num_threads``.
+    """
+
+    decoder: Literal["show_tell", "soft_attention"] = "soft_attention"
+    encoder: str = "efficientnet_lite0"
+    embedding_size: int = 256
+    hidden_size: int = 512
+    attention_size: int = 256
+    dropout: float = 0.5
+    lr: float = 4e-4
+    gradient_clip_val: float | None = 5.0
+    batch_size: int = 32
+    eval_batch_size: int = 100
+    max_epochs: int = 3
+    max_time_minutes: float | None = None
+    limit_train_batches: int | float = 1.0
+    alpha_c: float = 1.0
+    min_freq: int = 5
+    max_len: int = 30
+    beam_sizes: list[int] = field(default_factory=lambda: [1, 3, 5])
+    length_penalty: float = 0.0
+    grid_images: int = 8
+    coco_metrics: bool = True  # METEOR, ROUGE-L, CIDEr-D (+ the toolkit's BLEU) per setting; needs Java
+    enabled: bool = True
+
+    def validate(self, where: str) -> None:
+        require(self.encoder in ENCODER_NAMES, f"{where}.encoder", f"one of {list(ENCODER_NAMES)}", self.encoder)
+        for key in ("embedding_size", "hidden_size", "attention_size", "batch_size", "eval_batch_size",
+                    "max_epochs", "min_freq", "max_len"):
+            require(getattr(self, key) >= 1, f"{where}.{key}", "an integer >= 1", getattr(self, key))
+        require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a number in [0, 1)", self.dropout)
+        require(self.lr > 0, f"{where}.lr", "a number > 0", self.lr)
+        require(self.alpha_c >= 0, f"{where}.alpha_c", "a number >= 0", self.alpha_c)
+        require(self.gradient_clip_val is None or self.gradient_clip_val > 0, f"{where}.gradient_clip_val",
+                "null or a number > 0", self.gradient_clip_val)
+        require(self.max_time_minutes is None or self.max_time_minutes > 0, f"{where}.max_time_minutes",
+                "null or a number > 0", self.max_time_minutes)
+        require(bool(self.beam_sizes) and all(b >= 1 for b in self.beam_sizes), f"{where}.beam_sizes",
+                "a non-empty list of integers >= 1", self.beam_sizes)
+        require(self.length_penalty >= 0, f"{where}.length_penalty", "a number >= 0", self.length_penalty)
+        require(self.grid_images >= 0, f"{where}.grid_images", "an integer >= 0", self.grid_images)
+        require(isinstance(self.limit_train_batches, int) and self.limit_train_batches >= 1
+                or isinstance(self.limit_train_batches, float) and 0 < self.limit_train_batches <= 1,
+                f"{where}.limit_train_batches", "an integer >= 1 or a fraction in (0, 1]", self.limit_train_batches)
+
+
+def parse_run(merged: dict, where: str = SECTION) -> RunConfig:
+    """One run's keys, checked; errors name the key (``train_captioner.runs.flickr8k-show_tell.foo``)."""
+    return parse_section(RunConfig, merged, where)
+
+
+def data_files(run: RunConfig, paths: StagePaths) -> list[Path]:
+    """What a run reads: the prepared captions and the feature cache's index."""
+    return [Path(paths.prepared) / CORPUS / "captions.parquet", Path(paths.features) / INDEX_FILE]
+
+
+def tags(run: RunConfig) -> dict:
+    return {"corpus": CORPUS, "decoder": run.decoder, "encoder": run.encoder}
+
+
+# --------------------------------------------------------------------------------------------
+# the LightningModule
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Captions:
+    tokens: list[list[str]]  # without <bos>/<eos>
+    scores: list[float]
+    attention: list[torch.Tensor] | None  # per caption [steps (incl. <eos>), positions]
+
+    def texts(self, tokenizer: Tokenizer) -> list[str]:
+        return [tokenizer.detokenize(t) for t in self.tokens]
+
+
+_D = RunConfig  # the defaults below are RunConfig's (one place)
+
+
+class CaptioningTask(pl.LightningModule):
+    """Caption decoder on cached features. The checkpoint carries the vocabulary and tokenizer
+    (``on_save_checkpoint``), so captioning a new image needs nothing but the checkpoint and the
+    encoder it names (``hparams.encoder``)."""
+
+    def __init__(
+        self,
+        decoder: str,
+        vocab_size: int,
+        feature_size: int,
+        embedding_size: int = _D.embedding_size,
+        hidden_size: int = _D.hidden_size,
+        attention_size: int = _D.attention_size,
+        dropout: float = _D.dropout,
+        lr: float = _D.lr,
+        alpha_c: float = _D.alpha_c,
+        max_len: int = _D.max_len,
+        encoder: str = _D.encoder,
+        tokenizer: dict | None = None,
+        vocab_fingerprint: str = "",
+        vocab: Vocab | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["vocab"])
+        if vocab is not None and len(vocab) != vocab_size:
+            raise RnnlabError(f"vocab_size {vocab_size} != vocabulary of {len(vocab)} tokens")
+        self.model = build_captioner(
+            decoder, vocab_size=vocab_size, feature_size=feature_size, embedding_size=embedding_size,
+            hidden_size=hidden_size, attention_size=attention_size, dropout=dropout, pad_id=Vocab.pad_id,
+        )
+        self.vocab = vocab
+        self.tokenizer = build_tokenizer(tokenizer) if tokenizer else WordTokenizer(lowercase=True)
+        self._val_sums = [0.0, 0]
+
+    # -- loss ------------------------------------------------------------------------------
+    def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        out = self.model(batch.features, batch.inputs, batch.image_index)
+        mask = batch.inputs != Vocab.pad_id  # inputs and targets share the padding
+        targets = batch.targets[mask]  # [real steps]
+        ce = F.cross_entropy(out.logits.float(), targets)
+        total = ce + self.hparams.alpha_c * out.regularizer if out.attention is not None else ce
+        return total, ce, int(targets.numel())
+
+    def training_step(self, batch, batch_idx):
+        total, ce, n_tokens = self._losses(batch)
+        if not torch.isfinite(total):
+            raise TrainingError(
+                f"train loss is {total.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                "lower train_captioner lr or set gradient_clip_val"
+            )
+        self.log("train/loss", total, on_step=True, on_epoch=True, batch_size=n_tokens)
+        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=n_tokens)
+        return total
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = [0.0, 0]
+
+    def validation_step(self, batch, batch_idx):
+        _, ce, n_tokens = self._losses(batch)
+        self._val_sums[0] += ce.item() * n_tokens
+        self._val_sums[1] += n_tokens
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._val_sums[0] / max(self._val_sums[1], 1)
+        self.log("val/loss", loss)
+        self.log("val/ppl", perplexity(loss))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr)
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.vocab is None:
+            raise RnnlabError("CaptioningTask has no vocabulary to save")
+        checkpoint["vocab"] = self.vocab.to_dict()
+        checkpoint["tokenizer"] = self.tokenizer.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        vocab = Vocab.from_dict(checkpoint["vocab"])
+        if len(vocab) != self.hparams.vocab_size:
+            raise RnnlabError(
+                f"checkpoint vocabulary has {len(vocab)} tokens but the model has {self.hparams.vocab_size} outputs"
+            )
+        self.vocab = vocab
+        self.tokenizer = build_tokenizer(checkpoint.get("tokenizer", {"name": "word", "lowercase": True}))
+
+    # -- free-running decoding -------------------------------------------------------------
+    @torch.no_grad()
+    def caption(self, features: torch.Tensor, beam_size: int = 1, max_len: int | None = None,
+                length_penalty: float = 0.0, return_attention: bool = False, batch_size: int = 100) -> Captions:
+        """Caption images from features [images, positions, channels]; greedy when ``beam_size == 1``."""
+        if self.vocab is None:
+            raise RnnlabError("CaptioningTask has no vocabulary (load it from a checkpoint)")
+        was_training = self.training
+        self.eval()
+        max_steps = (max_len or self.hparams.max_len) + 1  # + the <eos> step
+        tokens, scores, attention = [], [], [] if return_attention else None
+        try:
+            for start in range(0, features.size(0), batch_size):
+                chunk = features[start: start + batch_size].to(self.device, torch.float32)
+                stepper, state = incremental_decoder(self.model, chunk)
+                common = dict(batch_size=chunk.size(0), bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=max_steps,
+                              return_attention=return_attention)
+                if beam_size == 1:
+                    result = greedy_decode(stepper, state, **common)
+                else:
+                    result = beam_search(stepper, state, beam_size=beam_size, length_penalty=length_penalty, **common)
+                tokens.extend(self.vocab.decode(t) for t in result.tokens)
+                scores.extend(result.scores)
+                if return_attention:
+                    attention.extend(result.attention or [None] * chunk.size(0))
+        finally:
+            self.train(was_training)
+        return Captions(tokens, scores, attention)
+
+
+def load(path: str | Path, map_location: str = "cpu") -> CaptioningTask:
+    """A trained :class:`CaptioningTask` (eval mode, vocabulary inside) from a model folder or its
+    ``model.ckpt``, read with ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    ckpt = load_checkpoint_file(path)
+    if "vocab" not in ckpt or "hyper_parameters" not in ckpt:
+        raise RnnlabError(f"{path}: not a captioning checkpoint (no vocab/hyper_parameters)")
+    vocab = Vocab.from_dict(ckpt["vocab"])
+    hp = dict(ckpt["hyper_parameters"])
+    if hp.get("vocab_fingerprint") and hp["vocab_fingerprint"] != vocab.fingerprint():
+        raise RnnlabError(f"{path}: vocabulary fingerprint {vocab.fingerprint()} != {hp['vocab_fingerprint']} "
+                          "in hparams")
+    task = CaptioningTask(**hp, vocab=vocab)
+    task.load_state_dict(ckpt["state_dict"])
+    task.on_load_checkpoint(ckpt)
+    return task.to(map_location).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def captions_with_features(captions, index: dict):
+    """Captions whose image has a row in the feature cache, and how many were left out."""
+    names = set(index["names"])
+    in_splits = captions["split"].isin(("train", "dev", "test"))
+    keep = captions["image"].isin(names) & in_splits
+    return captions[keep].reset_index(drop=True), int((~keep & in_splits).sum())
+
+
+def _feature_index(paths: StagePaths) -> dict:
+    index_path = Path(paths.features) / INDEX_FILE
+    if not index_path.is_file():
+        raise DataError(f"{index_path}: feature cache missing (run the features stage)")
+    return read_index(index_path)
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+def evaluate(module: CaptioningTask, data: CaptionDataModule, split: str = "test",
+             beam_sizes: Sequence[int] = (1, 3, 5), length_penalty: float = 0.0, batch_size: int = 100,
+             captions=None, coco: bool = True) -> tuple[dict, dict]:
+    """Decode every image of ``split`` with each beam size (1 = greedy) and score it.
+
+    Returns (metrics, decoded): ``metrics[setting]`` = {bleu1..4, sacrebleu, sacrebleu_signature,
+    mean_length, captions_per_s} with ``setting`` = :func:`rnnlab.metrics.decode_name` (``greedy``,
+    ``beam3``); ``decoded[setting]`` = token lists in ``decoded["names"]`` order and, for soft
+    attention, ``decoded["attention"]`` from greedy decoding. ``captions`` (the raw caption table)
+    gives sacreBLEU its untokenised references (else the detokenised tokenised ones). With ``coco``,
+    ``metrics[setting]["coco"]`` = the COCO caption toolkit's {bleu1..4, meteor, rouge_l, cider_d}
+    on the same hypotheses and raw references (:mod:`rnnlab.coco_metrics`)."""
+    split_data = data.splits[split]
+    names = list(split_data.names)
+    features = torch.cat([f for _, f in data.image_batches(split, batch_size)])
+    references = split_data.references
+    raw_refs = None
+    if captions is not None:
+        table = captions[captions["split"] == split].sort_values(["image", "caption_index"])
+        by_image = table.groupby("image")["caption"].apply(list).to_dict()
+        raw_refs = [by_image[n] for n in names]
+    tokenizer = module.tokenizer
+    if raw_refs is None:
+        raw_refs = [[tokenizer.detokenize(r) for r in rs] for rs in references]
+    metrics, decoded = {}, {"names": names}
+    for beam in beam_sizes:
+        setting = decode_name(beam)
+        start = time.perf_counter()
+        want_attention = beam == 1 and module.hparams.decoder == "soft_attention"
+        result = module.caption(features, beam_size=beam, length_penalty=length_penalty,
+                                return_attention=want_attention, batch_size=batch_size)
+        seconds = time.perf_counter() - start
+        scores = corpus_bleu(result.tokens, references)
+        std = sacrebleu_standard(result.texts(tokenizer), raw_refs)
+        metrics[setting] = {
+            **scores,
+            "sacrebleu": std["score"],
+            "sacrebleu_signature": std["signature"],
+            "mean_length": round(float(np.mean([len(t) for t in result.tokens])), 3),
+            "captions_per_s": round(len(names) / seconds, 2),
+        }
+        if coco:
+            from rnnlab.coco_metrics import coco_caption_scores
+
+            metrics[setting]["coco"] = {k: round(v, 4) for k, v in
+                                        coco_caption_scores(result.texts(tokenizer), raw_refs).items()}
+        decoded[setting] = result.tokens
+        if want_attention:
+            decoded["attention"] = result.attention
+        log.info("%s %s: %s", split, setting, scores)
+    return metrics, decoded
+
+
+def score(folder: str | Path, paths: StagePaths, beam_sizes: Sequence[int] = (1, 3), split: str = "test",
+          limit: int | None = None) -> dict:
+    """Score a ``train_captioner`` model folder on ``split`` from the saved folder only.
+
+    The decoder, vocabulary and tokenizer come from ``folder/model.ckpt``; the decoding settings
+    (length penalty, batch size) from ``folder/run.json``; the images' features from the cache
+    ``paths.features`` and their references from ``paths.prepared/flickr8k/captions.parquet``.
+    With the same beam sizes the numbers equal those :func:`train` reported (decoding is
+    deterministic on CPU). ``limit``: the first N images of ``split`` only (smoke tests).
+    Returns ``{setting: {bleu1..4, sacrebleu, ...}, "params": the run's config}``."""
+    folder = Path(folder)
+    for path in (folder / MODEL_FILE, folder / RUN_FILE):
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the captioner model folder (run train_captioner)")
+    run = read_json(folder / RUN_FILE)
+    module = load(folder / MODEL_FILE)
+    features_dir = Path(paths.features)
+    features = load_features(features_dir / FEATURES_FILE, features_dir / INDEX_FILE)
+    if features[1].get("encoder") != module.hparams.encoder:
+        raise DataError(f"{features_dir / INDEX_FILE}: features of {features[1].get('encoder')!r}, but "
+                        f"{folder} was trained on {module.hparams.encoder!r}")
+    captions, _ = captions_with_features(read_prepared_captions(paths.prepared, CORPUS), features[1])
+    if limit is not None:
+        keep = sorted(set(captions.loc[captions["split"] == split, "image"]))[:limit]
+        captions = captions[(captions["split"] != split) | captions["image"].isin(keep)].reset_index(drop=True)
+    settings = run["eval"]
+    data = CaptionDataModule(captions, features_dir / FEATURES_FILE, features_dir / INDEX_FILE,
+                             eval_batch_size=settings["batch_size"], max_len=module.hparams.max_len,
+                             vocab=module.vocab, tokenizer=module.tokenizer, features=features)
+    data.setup()
+    metrics, _ = evaluate(module, data, split, list(beam_sizes), settings["length_penalty"],
+                          settings["batch_size"], captions=captions, coco=settings.get("coco_metrics", False))
+    return {**metrics, "params": run["config"]}
+
+
+# --------------------------------------------------------------------------------------------
+# captioning new image files (the CLI and serving)
+# --------------------------------------------------------------------------------------------
+def caption_images(folder: str | Path, image_paths: Sequence[str | Path], beam_size: int = 3,
+                   encoder_weights: str | Path | None = None, length_penalty: float = 0.0) -> list[str]:
+    """Caption image files with a trained model folder (or its ``model.ckpt``); raises ImageError
+    (a DataError) naming a file that is missing or not a decodable image, before any model loads.
+
+    The checkpoint names its encoder (``hparams.encoder``); images are squashed to 224x224,
+    encoded by the same fast path as the feature cache and rounded through float16 like the cache,
+    so a new image is seen exactly as the training images were."""
+    from rnnlab.data.images import image_transform, load_image
+    from rnnlab.features import optimize_for_inference
+    from rnnlab.models.image_encoder import build_image_encoder
+
+    images = [load_image(p) for p in image_paths]
+    module = load(folder)
+    encoder = build_image_encoder(module.hparams.encoder, encoder_weights)
+    fast = optimize_for_inference(encoder)
+    transform = image_transform(encoder.mean.flatten().tolist(), encoder.std.flatten().tolist())
+    batch = torch.stack([transform(image) for image in images]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        maps = fast(batch)  # [images, C, 7, 7]
+    features = maps.permute(0, 2, 3, 1).reshape(maps.size(0), -1, maps.size(1)).half().float()
+    result = module.caption(features.clone(), beam_size=beam_size, length_penalty=length_penalty)
+    return result.texts(module.tokenizer)
+
+
+# --------------------------------------------------------------------------------------------
+# training one run
+# --------------------------------------------------------------------------------------------
+def _tokens_per_batch(batch) -> int:
+    return int((batch.inputs != Vocab.pad_id).sum())
+
+
+def _best_score(result, monitor: str) -> float | None:
+    """The monitored score of the weights ``fit`` kept: the best validation round's, or that of
+    the final weights when ``fit`` validated them after training (stopped mid-epoch) and they won."""
+    best = result.trainer.checkpoint_callback
+    scores = [float(best.best_model_score)] if best is not None and best.best_model_score is not None else []
+    final = result.trainer.callback_metrics.get(monitor)
+    if final is not None:
+        scores.append(float(final))
+    return min(scores) if scores else None
+
+
+def _draw_grids(module: CaptioningTask, data: CaptionDataModule, decoded: dict, image_dir: Path, out_dir: Path,
+                run: RunConfig) -> dict:
+    from rnnlab.plots import save_attention_grid, save_caption_grid
+
+    n = min(run.grid_images, len(decoded["names"]))
+    names = decoded["names"][:n]
+    setting = "greedy" if "greedy" in decoded else next(k for k in decoded if k.startswith("beam"))
+    tokens = decoded[setting][:n]
+    refs = [[module.tokenizer.detokenize(r) for r in rs] for rs in data.splits["test"].references[:n]]
+    generated = [module.tokenizer.detokenize(t) for t in tokens]
+    out = {"samples_png": str(save_caption_grid(out_dir / "samples.png", image_dir, names, generated, refs,
+                                                title=f"{run.decoder} ({setting}) on test images"))}
+    if decoded.get("attention"):
+        k = min(n, 4)
+        out["attention_png"] = str(save_attention_grid(out_dir / "attention.png", image_dir, names[:k], tokens[:k],
+                                                       decoded["attention"][:k]))
+    return out
+
+
+def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
+    """Train one decoder on the cached features, keep the best ``val/loss`` weights, score them on
+    the test images and write the model folder ``ctx.out_dir`` (writer only)."""
+    started = time.perf_counter()
+    paths = ctx.paths
+    features_dir = Path(paths.features)
+    index = _feature_index(paths)
+    captions, left_out = captions_with_features(read_prepared_captions(paths.prepared, CORPUS), index)
+    image_dir = Path(paths.raw) / CORPUS / "images"
+
+    data = CaptionDataModule(captions, features_dir / FEATURES_FILE, features_dir / INDEX_FILE,
+                             batch_size=run.batch_size, eval_batch_size=run.eval_batch_size, min_freq=run.min_freq,
+                             max_len=run.max_len)
+    data.setup()
+    cache_encoder = data.feature_index.get("encoder")
+    if cache_encoder != run.encoder:
+        raise ConfigError(
+            f"{ctx.where}.encoder is {run.encoder!r} but the feature cache {features_dir} was made with "
+            f"{cache_encoder!r}; re-extract features or fix the param"
+        )
+    vocab = data.vocab
+    module = CaptioningTask(
+        decoder=run.decoder, vocab_size=len(vocab), feature_size=int(data.features.shape[2]),
+        embedding_size=run.embedding_size, hidden_size=run.hidden_size, attention_size=run.attention_size,
+        dropout=run.dropout, lr=run.lr, alpha_c=run.alpha_c, max_len=run.max_len, encoder=run.encoder,
+        tokenizer=data.tokenizer.to_dict(), vocab_fingerprint=vocab.fingerprint(), vocab=vocab,
+    )
+    spec = FitSpec(max_epochs=run.max_epochs, monitor="val/loss", limit_train_batches=run.limit_train_batches,
+                   max_time_minutes=run.max_time_minutes, gradient_clip_val=run.gradient_clip_val,
+                   tokens_per_batch=_tokens_per_batch, distributed=False)
+    result = fit(module, data, ctx.trainer, spec, ctx.resume, ctx.tracker)
+    best_val = _best_score(result, "val/loss")
+    load_best_weights(module, result)
+    module.eval()
+
+    out_dir = Path(ctx.out_dir)
+    model_path = out_dir / MODEL_FILE
+    if ctx.writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_model_checkpoint(result.best_path, model_path)  # weights, hparams, vocab, tokenizer
+        vocab.save(out_dir / VOCAB_FILE)
+        write_json(out_dir / RUN_FILE, {
+            "name": ctx.name, "config": dataclasses.asdict(run), "seed": ctx.seed,
+            "eval": {"beam_sizes": run.beam_sizes, "length_penalty": run.length_penalty,
+                     "batch_size": run.eval_batch_size, "coco_metrics": run.coco_metrics},
+            "features": {"encoder": index.get("encoder"), "images": len(index["names"])},
+        })
+
+    eval_start = time.perf_counter()
+    with result.evaluation_guard():  # Ctrl-C during the test decoding also stops cleanly
+        test, decoded = evaluate(module, data, "test", run.beam_sizes, run.length_penalty, run.eval_batch_size,
+                                 captions=captions, coco=run.coco_metrics)
+    eval_seconds = time.perf_counter() - eval_start
+
+    artifacts = {"model": str(model_path)}
+    if ctx.writer and image_dir.is_dir() and run.grid_images:
+        artifacts.update(_draw_grids(module, data, decoded, image_dir, out_dir, run))
+    trainer = result.trainer
+    summary = data.summary()
+    details = {
+        "decoder": run.decoder,
+        "encoder": run.encoder,
+        "seed": ctx.seed,
+        "data": summary,
+        "epochs": int(trainer.current_epoch),
+        "steps": int(trainer.global_step),
+        "best_val_loss": round(best_val, 5) if best_val is not None else None,
+        "best_val_ppl": round(perplexity(best_val), 3) if best_val is not None else None,
+        "train_seconds": round(result.wall_s, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "train_tokens_per_s": round(result.history.tokens_per_second, 1),
+        "test": test,
+        "history": result.history.history,
+        "artifacts": artifacts,
+    }
+    if ctx.writer:
+        write_json(out_dir / METRICS_FILE, details)
+        # Curves went through the history callback; here the nested test scores (test.beam3.bleu4, ...).
+        ctx.tracker.log_metrics({k: v for k, v in flatten({"test": test}).items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    row = {
+        "decoder": run.decoder,
+        "encoder": run.encoder,
+        "bleu": {setting: {k: s[k] for k in BLEU_KEYS} for setting, s in test.items()},
+        "sacrebleu": {setting: s["sacrebleu"] for setting, s in test.items()},
+        **({"coco": {setting: s["coco"] for setting, s in test.items()}} if run.coco_metrics else {}),
+        "captions_per_s": {setting: s["captions_per_s"] for setting, s in test.items()},
+        "params": dataclasses.asdict(run),
+        "best_val_loss": details["best_val_loss"],
+        "epochs": details["epochs"],
+        "steps": details["steps"],
+        "train_seconds": details["train_seconds"],
+        "eval_seconds": details["eval_seconds"],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "data": {**summary, "captions_without_features": left_out},
+        "model_path": str(out_dir),
+    }
+    plot_rows = [{"run": ctx.name, "beam": beam, **{k: test[decode_name(beam)][k] for k in BLEU_KEYS},
+                  "sacrebleu": test[decode_name(beam)]["sacrebleu"]}
+                 for beam in dict.fromkeys(run.beam_sizes)]
+    greedy_or_first = test.get("greedy") or next(iter(test.values()))
+    log.info("%s %s: greedy BLEU-4 %.2f in %.0f s", SECTION, ctx.name, greedy_or_first["bleu4"],
+             row["wall_seconds"])
+    artifacts_out: list[tuple[Path, str | None]] = []
+    if ctx.writer:
+        artifacts_out += [(Path(artifacts[k]), "figures") for k in ("samples_png", "attention_png") if k in artifacts]
+        artifacts_out += [(out_dir / f, "model") for f in (MODEL_FILE, VOCAB_FILE, RUN_FILE)]
+        artifacts_out.append((out_dir / METRICS_FILE, None))
+    return TrainOutput(row=row, plot_rows=plot_rows, artifacts=artifacts_out)
