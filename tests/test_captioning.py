@@ -360,7 +360,7 @@ def test_overfit_one_batch_reproduces_the_captions(cls, features, subset):
 # ---------------------------------------------------------------------------------------------
 # Data module
 # ---------------------------------------------------------------------------------------------
-def test_datamodule_vocab_from_train_only_and_batches(features, subset):
+def test_datamodule_vocab_from_train_only_and_batches(features, subset, flickr):
     features_path, index_path, _ = features
     dm = CaptionDataModule(subset, features_path, index_path, batch_size=3, min_freq=1, max_len=8)
     dm.setup()
@@ -392,7 +392,9 @@ def test_datamodule_vocab_from_train_only_and_batches(features, subset):
     assert mask.sum(1).max().item() <= 8 + 1
     # References stay complete: never truncated, never <unk>.
     refs = dm.splits["test"].references[0]
-    assert len(refs) == 5 and max(map(len, refs)) >= 8 and "<unk>" not in {w for r in refs for w in r}
+    assert len(refs) == 5 and max(map(len, refs)) > 8 and "<unk>" not in {w for r in refs for w in r}
+    raw = raw_references(flickr)  # the caption file's own lines, tokenised: equal, word for word
+    assert [raw[n] for n in dm.splits["test"].names] == dm.splits["test"].references
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +446,76 @@ def test_config_rejects_unknown_and_bad_keys():
     assert parse_run({"beam_sizes": [1, 3]}).beam_sizes == [1, 3]
 
 
+def raw_references(flickr: Path) -> dict[str, list[list[str]]]:
+    """image -> its captions from Flickr8k.token.txt (``image#k<TAB>caption``), tokenised as the
+    metrics module documents (lower-cased WordTokenizer), in caption order."""
+    from rnnlab.data.tokenize import WordTokenizer
+
+    tok, refs = WordTokenizer(lowercase=True), {}
+    for line in (flickr / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():
+        key, caption = line.split("\t", 1)
+        refs.setdefault(key.rsplit("#", 1)[0], []).append(tok.tokenize(caption))
+    return refs
+
+
+def nltk_bleu(hyps: list[list[str]], refs: list[list[list[str]]]) -> dict[str, float]:
+    import warnings
+
+    from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns when an n-gram order has no match (BLEU 0)
+        return {f"bleu{n}": 100 * nltk_corpus_bleu(refs, hyps, weights=tuple([1.0 / n] * n)) for n in range(1, 5)}
+
+
+def nltk_bleu_of_saved_model(model_path, subset: pd.DataFrame, features, flickr: Path, beam: int) -> dict:
+    """BLEU-1..4 by nltk of the captions a saved model gives the subset's test images."""
+    features_path, index_path, _ = features
+    task = load(model_path)
+    refs = raw_references(flickr)
+    hyps, image_refs = [], []
+    dm = CaptionDataModule(subset, features_path, index_path, vocab=task.vocab, max_len=task.hparams.max_len)
+    dm.setup()
+    for names, feats in dm.image_batches("test"):
+        hyps += task.caption(feats, beam_size=beam).tokens
+        image_refs += [refs[n] for n in names]
+    assert len(hyps) == SPLIT_SIZES["test"] and all(len(r) == 5 for r in image_refs)
+    # A hypothesis shorter than n words adds one n-gram to nltk's denominator, none to ours (see
+    # test_corpus_bleu_equals_nltk_with_five_references): equal here because beam 2's 3-word
+    # caption comes with BLEU-4 = 0 on both sides (no matching 4-gram).
+    return nltk_bleu(hyps, image_refs)
+
+
+def test_evaluate_scores_known_captions_like_nltk(features, subset, flickr):
+    """captioning.evaluate (the scorer of train and score) on known hypotheses with real BLEU-4:
+    its references are each image's 5 raw captions, not truncated to max_len, no <unk>."""
+    from rnnlab.data.tokenize import WordTokenizer
+    from rnnlab.tasks import captioning
+
+    features_path, index_path, _ = features
+    dm = CaptionDataModule(subset, features_path, index_path, min_freq=3, max_len=6)  # small vocab, short captions
+    dm.setup()
+    refs = raw_references(flickr)
+    names = [n for names, _ in dm.image_batches("test") for n in names]
+    # An own caption with one word changed, and one cut by 2 words.
+    hyps = [refs[names[0]][1][:2] + ["zebra"] + refs[names[0]][1][3:], refs[names[1]][3][:-2]]
+    assert max(len(r) for n in names for r in refs[n]) > 6 and any(w not in dm.vocab for n in names for r in refs[n] for w in r)
+
+    class Known:  # a decoder that says the known hypotheses
+        hparams = type("H", (), {"decoder": "show_tell"})()
+        tokenizer = WordTokenizer(lowercase=True)
+
+        def caption(self, features, **kwargs):
+            assert features.shape[0] == len(names)
+            return captioning.Captions([list(h) for h in hyps], [0.0] * len(hyps), None)
+
+    metrics, decoded = captioning.evaluate(Known(), dm, "test", beam_sizes=[1], captions=subset, coco=False)
+    assert decoded["names"] == names
+    expected = nltk_bleu(hyps, [refs[n] for n in names])
+    assert expected["bleu4"] > 40  # a real 4-gram score, not 0
+    assert {k: metrics["greedy"][k] for k in expected} == pytest.approx(expected, abs=1e-3)
+
+
 def _train(config: dict, subset: pd.DataFrame, features, root: Path, raw: Path) -> tuple[dict, dict]:
     """One run through the stage loop on ``subset`` (its captions as the prepared table) and the
     fixture's feature cache; returns (metrics row, the model folder's metrics.json)."""
@@ -469,7 +541,18 @@ def test_train_captioner_tiny_run_and_checkpoint_roundtrip(features, subset, fli
     assert set(metrics["test"]) == set(row["bleu"]) == {"greedy", "beam2"}
     for scores in metrics["test"].values():
         assert set(scores) >= {"bleu1", "bleu2", "bleu3", "bleu4", "sacrebleu", "sacrebleu_signature"}
-        assert 0.0 <= scores["bleu4"] <= scores["bleu1"] <= 100.0
+    # Measured (2 test images, 4 steps): the captions are "a a a a dog dog ..." / "a a a": BLEU-1
+    # 19.23 greedy, 25.91 beam 2, no matching bigram; sacreBLEU 2.31 / 3.42.
+    assert {s: metrics["test"][s]["bleu1"] for s in ("greedy", "beam2")} == pytest.approx(
+        {"greedy": 19.2308, "beam2": 25.9072}, abs=0.01)
+    assert all(metrics["test"][s][f"bleu{n}"] == 0.0 for s in ("greedy", "beam2") for n in (2, 3, 4))
+    assert {s: metrics["test"][s]["sacrebleu"] for s in ("greedy", "beam2")} == pytest.approx(
+        {"greedy": 2.3096, "beam2": 3.423}, abs=0.01)
+    # Scored independently: nltk's corpus_bleu on the saved model's own captions of the test images
+    # against their 5 captions read straight from Flickr8k.token.txt gives the reported BLEU-1..4.
+    for setting, beam in (("greedy", 1), ("beam2", 2)):
+        assert nltk_bleu_of_saved_model(metrics["artifacts"]["model"], subset, features, flickr, beam) == \
+            pytest.approx({k: metrics["test"][setting][k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")}, abs=1e-3)
     assert metrics["best_val_loss"] == pytest.approx(min(h["val/loss"] for h in metrics["history"]), abs=1e-4)
     assert row["best_val_loss"] == metrics["best_val_loss"]
     for key in ("samples_png", "attention_png"):

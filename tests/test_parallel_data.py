@@ -38,18 +38,28 @@ def test_read_multi30k_counts_and_alignment(pairs):
 def test_bpe_round_trip_on_real_sentences(pairs, bpe_de):
     words = WordTokenizer(lowercase=False)
     sentences = pairs[pairs["split"] == "val"]["tgt"].head(300).tolist()
+    # <unk> only stands for a character never seen in the train split; measured: none of these 300
+    # val sentences has one (nor any of the 1,014), so no sentence is excused from the round trip.
+    with_unk = [s for s in sentences if "<unk>" in bpe_de.tokenize(s)]
+    assert with_unk == []
     split_words = 0
     for sentence in sentences:
         pieces = bpe_de.tokenize(sentence)
         # Lossless at the word level: the pieces re-join into exactly the word tokens ...
-        assert "".join(pieces).split("▁")[1:] == words.tokenize(sentence) or "<unk>" in pieces
+        assert "".join(pieces).split("▁")[1:] == words.tokenize(sentence)
         # ... and detokenizing gives what the word tokenizer's own round trip gives.
-        if "<unk>" not in pieces:
-            assert bpe_de.detokenize(pieces) == words.detokenize(words.tokenize(sentence))
+        assert bpe_de.detokenize(pieces) == words.detokenize(words.tokenize(sentence))
         split_words += len(pieces) - len(words.tokenize(sentence))
     assert split_words > 100  # rare words really are split into subwords
-    exact = sum(bpe_de.detokenize(bpe_de.tokenize(s)) == s for s in sentences)
-    assert exact >= 0.9 * len(sentences)  # most raw sentences come back byte for byte
+    # Byte for byte: 298 of 300; the other two differ in whitespace only (a no-break space in
+    # "120\xa0cm", "Obst- und" coming back as "Obst - und").
+    back = [bpe_de.detokenize(bpe_de.tokenize(s)) for s in sentences]
+    inexact = [(s, b) for s, b in zip(sentences, back) if b != s]
+    assert len(inexact) == 2
+    assert all("".join(s.split()) == "".join(b.split()) for s, b in inexact)
+    # A character the train split never had does become <unk> (and stays visible as such).
+    pieces = bpe_de.tokenize("Ein Mann mit einem Шапка.")
+    assert pieces.count("<unk>") == 5 and bpe_de.detokenize(pieces) == "Ein Mann mit einem <unk><unk><unk><unk><unk>."
 
 
 def test_bpe_is_deterministic_and_saves(pairs, bpe_de, tmp_path):

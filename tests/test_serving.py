@@ -59,6 +59,9 @@ def test_http_generation_and_bad_requests(server):
         "not JSON": "not json at all",
         "too many tokens": '{"inputs": [{"prompt": "the", "tokens": 100000}]}',
         "bad temperature": '{"inputs": [{"prompt": "the", "temperature": -1}]}',
+        "too many records": json.dumps({"inputs": [{"prompt": "the", "tokens": 1}] * 65}),
+        "prompt too long": json.dumps({"inputs": [{"prompt": "the", "tokens": 1},
+                                                  {"prompt": "the " * 300, "tokens": 1}]}),
     }
     for what, payload in bad.items():
         status, answer = post(url, payload)
@@ -66,6 +69,11 @@ def test_http_generation_and_bad_requests(server):
         assert answer["message"], what
         assert "Traceback" not in json.dumps(answer), what
     assert "'prompt' must be a non-empty string" in post(url, bad["empty prompt"])[1]["message"]
+    for what, message in (("too many records", "65 records in one request; at most 64"),
+                          ("prompt too long", "record 1: 'prompt' is 1200 characters long; at most 1000")):
+        status, answer = post(url, bad[what])
+        assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (what, status, answer)
+        assert message in answer["message"], (what, answer)
     assert proc.poll() is None  # still serving
     assert post(url, json.dumps(body))[0] == 200
 
@@ -181,3 +189,58 @@ def test_captioner_pyfunc_in_process(mirror, tmp_path):
     with pytest.raises(MlflowException, match="record1") as err:
         model.predict(pd.DataFrame({"image": [encode_image(images[0]), encode_image(tmp_path / "bad.jpg")]}))
     assert err.value.get_http_status_code() == 400
+
+
+def test_request_limits_are_refused_before_anything_is_decoded(tmp_path, monkeypatch):
+    """Over MAX_ROWS records, a text over MAX_TEXT_CHARS, a base64 image over MAX_IMAGE_B64_CHARS: a 400
+    naming the record and the limit, and no model call / no base64 decoding for any record of it."""
+    import base64
+
+    from mlflow.exceptions import MlflowException
+
+    import rnnlab.generate
+    from rnnlab import serving
+
+    calls = []
+    monkeypatch.setattr(rnnlab.generate, "sample", lambda *a: calls.append(("sample", a)) or "x")
+    real_b64decode = base64.b64decode
+    monkeypatch.setattr(serving.base64, "b64decode",
+                        lambda *a, **k: calls.append(("b64", a)) or real_b64decode(*a, **k))
+
+    class NoModel:
+        def translate(self, *a, **k):
+            calls.append(("translate", a))
+            return ["x"] * len(a[0])
+
+    lm, translator, captioner = serving.LanguageModelPyfunc(), serving.TranslatorPyfunc(), serving.CaptionerPyfunc()
+    lm.lm, lm.default_tokens = object(), 5
+    translator.task, translator.default_beam = NoModel(), 5
+    captioner.checkpoint, captioner.encoder_weights, captioner.default_beam = tmp_path / "none.ckpt", None, 3
+
+    def refused(wrapper, frame: pd.DataFrame, message: str) -> None:
+        with pytest.raises(MlflowException) as err:
+            wrapper.predict(None, frame)
+        assert err.value.get_http_status_code() == 400 and err.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert message in err.value.message, err.value.message
+        assert len(err.value.message) < 300  # the oversized value is not echoed back
+
+    long_text = "a dog runs . " * 77  # 1001 characters
+    assert len(long_text) == serving.MAX_TEXT_CHARS + 1
+    refused(lm, pd.DataFrame({"prompt": ["the"] * (serving.MAX_ROWS + 1)}), "65 records in one request; at most 64")
+    refused(lm, pd.DataFrame({"prompt": ["the market", long_text]}), "record 1: 'prompt' is 1001 characters long")
+    refused(translator, pd.DataFrame({"text": ["a dog ."] * 65}), "at most 64")
+    refused(translator, pd.DataFrame({"text": ["a dog .", long_text]}), "record 1: 'text' is 1001 characters long")
+    image = "A" * (serving.MAX_IMAGE_B64_CHARS + 4)  # base64 of 4 MiB + 3 bytes
+    refused(captioner, pd.DataFrame({"image": ["AAAA", image]}),
+            f"record 1: 'image' is {len(image)} base64 characters (about 4.0 MiB); "
+            f"at most {serving.MAX_IMAGE_B64_CHARS}")
+    refused(captioner, pd.DataFrame({"image": ["AAAA"] * 65}), "at most 64")
+    assert calls == []  # nothing was sampled, translated or base64-decoded
+    # within the limits the records go through: exactly MAX_ROWS records, a text of MAX_TEXT_CHARS
+    out = lm.predict(None, pd.DataFrame({"prompt": ["the"] * (serving.MAX_ROWS - 1) + [long_text[:-1]]}))
+    assert len(out) == serving.MAX_ROWS and len(calls) == serving.MAX_ROWS
+    assert translator.predict(None, pd.DataFrame({"text": [long_text[:-1]]}))["translation"].tolist() == ["x"]
+    # an image of exactly MAX_IMAGE_BYTES passes the size check and is decoded (then refused: not an image)
+    refused(captioner, pd.DataFrame({"image": [base64.b64encode(bytes(serving.MAX_IMAGE_BYTES)).decode()]}),
+            "record0: not an image")
+    assert calls[-1][0] == "b64"

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from rnnlab.data.tokenize import CharTokenizer, WordTokenizer, build_tokenizer
@@ -32,6 +33,80 @@ def test_prepared_vocab_excludes_test_only_words(prepared_ptb, mirror):
     # PTB is closed-vocabulary, so check train-only construction on a word we add to test only.
     assert vocab.encode(["zyzzyva"]) == [vocab.unk_id]
     assert test_words <= train_words | {"<unk>"}
+
+
+def test_prepared_lm_vocab_maps_a_valid_only_word_to_unk(tmp_path, mirror):
+    """The LM path of prepare on a real-text split that is not closed: the first 2,000 lines of PTB
+    train, 500 of valid and test. "sotheby" occurs 10 times in those valid lines, never in those
+    train lines: it must be <unk> in the vocabulary and in valid.npy."""
+    from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
+
+    raw = tmp_path / "raw" / "ptb"
+    raw.mkdir(parents=True)
+    head = {"train": 2000, "valid": 500, "test": 500}
+    lines = {}
+    for split, n in head.items():
+        lines[split] = (mirror / "ptb" / f"ptb.{split}.txt").read_text().splitlines(keepends=True)[:n]
+        (raw / f"ptb.{split}.txt").write_text("".join(lines[split]))
+    train_words = {w for line in lines["train"] for w in line.split()}
+    valid_tokens = [w for line in lines["valid"] for w in (*line.split(), "<eos>")]
+    assert "sotheby" not in train_words and valid_tokens.count("sotheby") == 10
+    metrics = prepare_corpora(parse_prepare_config({"corpora": ["ptb"], "vocab": {}}), tmp_path / "raw",
+                              tmp_path / "prepared")["ptb"]
+    vocab = Vocab.load(tmp_path / "prepared" / "ptb" / "vocab.json")
+    assert set(vocab.itos[4:]) == train_words - {"<unk>"} and "sotheby" not in vocab
+    valid = np.load(tmp_path / "prepared" / "ptb" / "valid.npy")
+    assert len(valid) == len(valid_tokens)
+    positions = [i for i, w in enumerate(valid_tokens) if w == "sotheby"]
+    assert all(valid[i] == vocab.unk_id for i in positions)
+    oov = sum(w not in train_words | {"<unk>", "<eos>"} for w in valid_tokens)
+    assert oov == 957 and metrics["splits"]["valid"]["oov_rate"] == round(oov / len(valid_tokens), 6)
+
+
+@pytest.fixture(scope="module")
+def prepared_multi30k(tmp_path_factory, mirror):
+    """Multi30k prepared by the real prepare code: (output folder, prepare metrics)."""
+    from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
+
+    out = tmp_path_factory.mktemp("prepared-multi30k")
+    metrics = prepare_corpora(parse_prepare_config({"corpora": ["multi30k"], "vocab": {}}), mirror, out)
+    return out / "multi30k", metrics["multi30k"]
+
+
+def _word_count(path, word: str) -> int:
+    """Occurrences of ``word`` as a whole word in a gzipped raw corpus file (lower-cased)."""
+    import gzip
+    import re
+
+    return len(re.findall(rf"\b{word}\b", gzip.open(path, "rt", encoding="utf-8").read().lower()))
+
+
+def test_prepared_vocab_maps_a_valid_only_word_to_unk(prepared_multi30k, mirror):
+    """PTB is closed-vocabulary (every valid/test word is a train word, so are WikiText-2's), so a
+    vocabulary built from every split would pass the test above. Multi30k is open: "regalia" occurs
+    twice in val and once in test_2016_flickr but never in train (German "rastalocken": three times
+    in val, never in train). A train-only vocabulary must map them to <unk>."""
+    folder, metrics = prepared_multi30k
+    raw = mirror / "multi30k" / "raw"
+    for lang, side, word, counts in (("en", "src", "regalia", (0, 2, 1)), ("de", "tgt", "rastalocken", (0, 3, 0))):
+        assert tuple(_word_count(raw / f"{stem}.{lang}.gz", word) for stem in ("train", "val", "test_2016_flickr")) \
+            == counts
+        vocab = Vocab.load(folder / f"vocab.{side}.json")
+        assert word not in vocab and vocab.encode([word]) == [vocab.unk_id]
+        assert vocab.encode(["ein" if lang == "de" else "a"]) != [vocab.unk_id]  # a train word keeps its id
+    # The vocabulary is exactly the train split's words (tokenized as prepare does), nothing more.
+    tok = WordTokenizer(lowercase=True)
+    import pandas as pd
+
+    pairs = pd.read_parquet(folder / "pairs.parquet")
+    train_words = {w for s in pairs[pairs.split == "train"]["src"] for w in tok.tokenize(s)}
+    assert set(Vocab.load(folder / "vocab.src.json").itos[4:]) == train_words
+    # ... so val/test have out-of-vocabulary words, counted by prepare: 171 of val's 13,290 source
+    # tokens and 143 of test's 12,956 (a vocabulary from all splits would give 0).
+    splits = metrics["splits"]
+    assert splits["train"]["src_oov_rate"] == splits["train"]["tgt_oov_rate"] == 0.0
+    assert (splits["val"]["src_tokens"], splits["val"]["src_oov_rate"]) == (13290, round(171 / 13290, 6))
+    assert (splits["test"]["src_tokens"], splits["test"]["src_oov_rate"]) == (12956, round(143 / 12956, 6))
 
 
 def test_word_tokenizer_lowercases_and_splits_punctuation():

@@ -76,13 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--temperature", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int, default=0)
     p_tr = sub.add_parser("translate", help="English -> German with a train_seq2seq model (stdin when no sentence)")
-    p_tr.add_argument("sentence", nargs="?", help="English sentence; omitted: translate stdin line by line")
-    p_tr.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy)")
+    p_tr.add_argument("sentence", nargs="?",
+                      help="English sentence; omitted: translate --input (or stdin) line by line")
+    p_tr.add_argument("--input", default=None, metavar="FILE",
+                      help="UTF-8 text file, one English sentence a line (output line i for input line i)")
+    p_tr.add_argument("--output", default=None, metavar="FILE", help="write the translations here (default: stdout)")
+    p_tr.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy; at most rnnlab.serving.MAX_BEAM)")
+    p_tr.add_argument("--batch-size", type=int, default=256, help="lines translated together (default 256)")
     p_tr.add_argument("--run", default=None, help="train_seq2seq model folder, model.ckpt or MLflow run id "
                       "(default: data/models/seq2seq/multi30k-attention)")
-    p_cap = sub.add_parser("caption", help="caption an image file with a train_captioner model")
-    p_cap.add_argument("image", help="path to a JPEG/PNG image")
-    p_cap.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy)")
+    p_cap = sub.add_parser("caption",
+                           help="caption an image file, or every image of a folder, with a train_captioner model")
+    p_cap.add_argument("image", help="path to a JPEG/PNG image, or a folder of images (then one JSON line per image)")
+    p_cap.add_argument("--out", default=None, metavar="FILE",
+                       help="JSON lines {image, caption} for a folder (default: stdout)")
+    p_cap.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy; at most rnnlab.serving.MAX_BEAM)")
+    p_cap.add_argument("--batch-size", type=int, default=32, help="images loaded and captioned together (default 32)")
     p_cap.add_argument("--run", default=None, help="train_captioner model folder, model.ckpt or MLflow run id "
                        "(default: data/models/captioner/flickr8k-soft_attention)")
     args = parser.parse_args(argv)
@@ -103,9 +112,17 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "translate":
             from rnnlab.tasks.translation import translate_command
 
-            translate_command(args.sentence, args.beam, args.run)
+            translate_command(args.sentence, check_beam(args.beam), args.run, input_path=args.input,
+                              output_path=args.output, batch_size=args.batch_size)
         elif args.command == "caption":
-            print(caption_command(args.image, args.beam, args.run))
+            from pathlib import Path
+
+            if Path(args.image).is_dir() or args.out is not None:  # a folder (an image file with --out: one line)
+                from rnnlab.tasks.captioning import caption_folder_command
+
+                caption_folder_command(args.image, args.out, check_beam(args.beam), args.run, args.batch_size)
+            else:
+                print(caption_command(args.image, check_beam(args.beam), args.run))
     except RnnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -116,6 +133,19 @@ def generate_command(run: str, prompt: str, tokens: int, temperature: float, see
     from rnnlab.inference import load_model
 
     return sample(load_model(run, "lm"), prompt, tokens, temperature, seed)
+
+
+def check_beam(beam: int) -> int:
+    """``--beam`` within 1..:data:`rnnlab.serving.MAX_BEAM` (the limit serving applies too)."""
+    import warnings
+
+    # MLflow warns (3 lines, at class definition) that predict() has no type hints: kept off the CLI's stderr
+    with warnings.catch_warnings(record=True):
+        from rnnlab.serving import MAX_BEAM
+
+    if not 1 <= beam <= MAX_BEAM:
+        raise RnnlabError(f"--beam: expected an integer in 1..{MAX_BEAM}, got {beam}")
+    return beam
 
 
 def caption_command(image: str, beam: int = 3, run: str | None = None) -> str:

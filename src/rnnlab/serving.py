@@ -17,6 +17,25 @@ Bad input (missing column, empty text, a non-image, out-of-range numbers) is ans
 message, without a stack trace, and keeps serving. Any other failure inside ``predict`` is also
 reported as a 400 message (its type and text, no traceback) so the client never sees a trace.
 
+Request limits (the same 400, the message naming the record and the limit). Every record of a
+request is checked before anything of it is tokenized, base64-decoded, decoded as an image or
+run through a model, so one oversized record costs no model time:
+
+============================  ==================================================================
+``MAX_ROWS`` = 64             records per request
+``MAX_TEXT_CHARS`` = 1000     characters of a ``prompt`` (LM) or ``text`` (translator), counted as
+                              sent (before whitespace is stripped)
+``MAX_IMAGE_BYTES`` = 4 MiB   image file per ``image`` record: its base64 text may be at most
+                              ``MAX_IMAGE_B64_CHARS`` = 4 * ceil(MAX_IMAGE_BYTES / 3) = 5,592,408
+                              characters, checked on the text before it is decoded (Flickr8k
+                              JPEGs are < 30 KB)
+``MAX_TOKENS`` = 500          ``tokens`` an LM record may ask for; ``beam`` at most ``MAX_BEAM`` = 10
+============================  ==================================================================
+
+The JSON body itself is read and parsed by MLflow's scoring server before ``predict`` runs (it
+has no body-size limit of its own): put a reverse proxy with a body limit in front of a public
+server, e.g. ``client_max_body_size 300m`` (64 images of 4 MiB, base64) in nginx.
+
 Logging and registration (``log_and_register``) is done by the ``evaluate`` stage, into the
 evaluation run (the training stages stay MLflow-optional); each registered version is tagged
 ``training_run_id`` with the run that trained it.
@@ -43,7 +62,10 @@ from mlflow.types import ColSpec, Schema
 log = logging.getLogger(__name__)
 MAX_TOKENS = 500  # longest generation one request may ask for
 MAX_BEAM = 10
-MAX_ROWS = 64  # requests per call
+MAX_ROWS = 64  # records per request
+MAX_TEXT_CHARS = 1000  # characters of one prompt / sentence to translate
+MAX_IMAGE_BYTES = 4 * 2**20  # bytes of one image file
+MAX_IMAGE_B64_CHARS = 4 * -(-MAX_IMAGE_BYTES // 3)  # its base64 text: checked before decoding
 
 
 def _bad(message: str) -> MlflowException:
@@ -52,6 +74,8 @@ def _bad(message: str) -> MlflowException:
 
 def _rows(model_input: Any, required: str) -> list[dict]:
     """The request as a list of dicts; a clear error for any other shape."""
+    if isinstance(model_input, (pd.DataFrame, list)) and len(model_input) > MAX_ROWS:
+        raise _bad(f"{len(model_input)} records in one request; at most {MAX_ROWS}")
     if isinstance(model_input, pd.DataFrame):
         rows = model_input.to_dict(orient="records")
     elif isinstance(model_input, dict):
@@ -70,11 +94,27 @@ def _rows(model_input: Any, required: str) -> list[dict]:
     return rows
 
 
-def _text(row: dict, key: str, i: int) -> str:
+def _text(row: dict, key: str, i: int, max_chars: int = MAX_TEXT_CHARS) -> str:
     value = row.get(key)
+    if isinstance(value, str) and len(value) > max_chars:  # before anything else touches it
+        raise _bad(f"record {i}: {key!r} is {len(value)} characters long; at most {max_chars}")
     if not isinstance(value, str) or not value.strip():
-        raise _bad(f"record {i}: {key!r} must be a non-empty string, got {value!r}")
+        raise _bad(f"record {i}: {key!r} must be a non-empty string, got {_short(value)}")
     return value.strip()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _image_text(row: dict, i: int) -> str:
+    """The base64 text of record ``i``'s image, refused when it would decode to over MAX_IMAGE_BYTES."""
+    value = row.get("image")
+    if isinstance(value, str) and len(value) > MAX_IMAGE_B64_CHARS:
+        raise _bad(f"record {i}: 'image' is {len(value)} base64 characters (about {len(value) * 3 // 4 / 2**20:.1f} "
+                   f"MiB); at most {MAX_IMAGE_B64_CHARS} ({MAX_IMAGE_BYTES // 2**20} MiB of image file)")
+    return _text(row, "image", i, max_chars=MAX_IMAGE_B64_CHARS)
 
 
 def _present(value: Any) -> bool:
@@ -131,14 +171,10 @@ class LanguageModelPyfunc(PythonModel):
     def predict(self, context, model_input, params=None):
         from rnnlab.generate import sample
 
-        out = []
-        for i, row in enumerate(_rows(model_input, "prompt")):
-            prompt = _text(row, "prompt", i)
-            tokens = _int(row, "tokens", i, self.default_tokens, 1, MAX_TOKENS)
-            temperature = _float(row, "temperature", i, 1.0, 0.0, 100.0)
-            seed = _int(row, "seed", i, 0, 0, 2**31 - 1)
-            out.append(sample(self.lm, prompt, tokens, temperature, seed))
-        return pd.DataFrame({"text": out})
+        requests = [(_text(row, "prompt", i), _int(row, "tokens", i, self.default_tokens, 1, MAX_TOKENS),
+                     _float(row, "temperature", i, 1.0, 0.0, 100.0), _int(row, "seed", i, 0, 0, 2**31 - 1))
+                    for i, row in enumerate(_rows(model_input, "prompt"))]  # every record checked first
+        return pd.DataFrame({"text": [sample(self.lm, *request) for request in requests]})
 
 
 class TranslatorPyfunc(PythonModel):
@@ -178,16 +214,16 @@ class CaptionerPyfunc(PythonModel):
         from rnnlab.tasks.captioning import caption_images
 
         rows = _rows(model_input, "image")
+        texts = [_image_text(row, i) for i, row in enumerate(rows)]  # sizes checked before any decoding
+        beams = {_int(row, "beam", i, self.default_beam, 1, MAX_BEAM) for i, row in enumerate(rows)}
+        if len(beams) > 1:
+            raise _bad(f"one beam size per request, got {sorted(beams)}")
         payloads = []
-        for i, row in enumerate(rows):
-            text = _text(row, "image", i)
+        for i, text in enumerate(texts):
             try:
                 payloads.append(base64.b64decode(text, validate=True))
             except (binascii.Error, ValueError):
                 raise _bad(f"record {i}: 'image' is not valid base64") from None
-        beams = {_int(row, "beam", i, self.default_beam, 1, MAX_BEAM) for i, row in enumerate(rows)}
-        if len(beams) > 1:
-            raise _bad(f"one beam size per request, got {sorted(beams)}")
         with tempfile.TemporaryDirectory(prefix="rnnlab-caption-") as tmp:
             paths = []
             for i, data in enumerate(payloads):

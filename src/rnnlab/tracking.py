@@ -402,6 +402,8 @@ def tracked_run(
         raise RnnlabError(f"MLflow tracking store {redact_uri(uri)} is unreachable: {exc}") from exc
     tracker = MlflowTracker(client, run_id, uri)
     all_tags = {"dvc_stage": stage, "rnnlab.run_name": run_name, **git_info(root), **(tags or {})}
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` (and its queue workers): which experiment this is
+        all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     for dep in data_deps or []:
         key, full = _dep_key(dep, root)
         all_tags[f"data_md5.{key}"] = md5_path(full)

@@ -29,7 +29,9 @@ images, generated vs reference captions) and, for soft attention, ``attention.pn
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ from rnnlab.data.tokenize import Tokenizer, WordTokenizer, build_tokenizer
 from rnnlab.data.vocab import Vocab
 from rnnlab.decoding import beam_search, greedy_decode
 from rnnlab.errors import ConfigError, DataError, RnnlabError, TrainingError
-from rnnlab.io import read_json, write_json
+from rnnlab.io import atomic_path, read_json, write_json
 from rnnlab.metrics import corpus_bleu, decode_name, perplexity, sacrebleu_standard
 from rnnlab.models.captioner import build_captioner, incremental_decoder
 from rnnlab.models.image_encoder import ENCODER_NAMES
@@ -421,29 +423,168 @@ def score(folder: str | Path, paths: StagePaths, beam_sizes: Sequence[int] = (1,
 # --------------------------------------------------------------------------------------------
 # captioning new image files (the CLI and serving)
 # --------------------------------------------------------------------------------------------
-def caption_images(folder: str | Path, image_paths: Sequence[str | Path], beam_size: int = 3,
-                   encoder_weights: str | Path | None = None, length_penalty: float = 0.0) -> list[str]:
-    """Caption image files with a trained model folder (or its ``model.ckpt``); raises ImageError
-    (a DataError) naming a file that is missing or not a decodable image, before any model loads.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")  # what torchvision.io decodes; `rnnlab caption DIR`
+FOLDER_BATCH = 32  # images loaded, encoded and decoded together by `rnnlab caption DIR`
+
+
+class ImageCaptioner:
+    """A trained model folder (or its ``model.ckpt``) with its image encoder, built once and used for
+    any number of batches of decoded images (:func:`caption_images`, :func:`caption_folder`).
 
     The checkpoint names its encoder (``hparams.encoder``); images are squashed to 224x224,
     encoded by the same fast path as the feature cache and rounded through float16 like the cache,
     so a new image is seen exactly as the training images were."""
-    from rnnlab.data.images import image_transform, load_image
-    from rnnlab.features import optimize_for_inference
-    from rnnlab.models.image_encoder import build_image_encoder
+
+    def __init__(self, folder: str | Path, encoder_weights: str | Path | None = None):
+        from rnnlab.data.images import image_transform
+        from rnnlab.features import optimize_for_inference
+        from rnnlab.models.image_encoder import build_image_encoder
+
+        self.module = load(folder)
+        encoder = build_image_encoder(self.module.hparams.encoder, encoder_weights)
+        self.fast = optimize_for_inference(encoder)
+        self.transform = image_transform(encoder.mean.flatten().tolist(), encoder.std.flatten().tolist())
+
+    def features(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """uint8 RGB images [3, H, W] -> cached-feature-like maps [images, positions, channels]."""
+        batch = torch.stack([self.transform(image) for image in images]).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            maps = self.fast(batch)  # [images, C, 7, 7]
+        return maps.permute(0, 2, 3, 1).reshape(maps.size(0), -1, maps.size(1)).half().float()
+
+    def caption(self, images: Sequence[torch.Tensor], beam_size: int = 3, length_penalty: float = 0.0) -> list[str]:
+        features = self.features(images)
+        result = self.module.caption(features.clone(), beam_size=beam_size, length_penalty=length_penalty)
+        return result.texts(self.module.tokenizer)
+
+
+def caption_images(folder: str | Path, image_paths: Sequence[str | Path], beam_size: int = 3,
+                   encoder_weights: str | Path | None = None, length_penalty: float = 0.0) -> list[str]:
+    """Caption image files with a trained model folder (or its ``model.ckpt``); raises ImageError
+    (a DataError) naming a file that is missing or not a decodable image, before any model loads.
+    All images are decoded and encoded as one batch (:class:`ImageCaptioner`); for a folder of
+    any size see :func:`caption_folder`."""
+    from rnnlab.data.images import load_image
 
     images = [load_image(p) for p in image_paths]
-    module = load(folder)
-    encoder = build_image_encoder(module.hparams.encoder, encoder_weights)
-    fast = optimize_for_inference(encoder)
-    transform = image_transform(encoder.mean.flatten().tolist(), encoder.std.flatten().tolist())
-    batch = torch.stack([transform(image) for image in images]).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        maps = fast(batch)  # [images, C, 7, 7]
-    features = maps.permute(0, 2, 3, 1).reshape(maps.size(0), -1, maps.size(1)).half().float()
-    result = module.caption(features.clone(), beam_size=beam_size, length_penalty=length_penalty)
-    return result.texts(module.tokenizer)
+    return ImageCaptioner(folder, encoder_weights).caption(images, beam_size=beam_size, length_penalty=length_penalty)
+
+
+def list_image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """(image files by suffix :data:`IMAGE_SUFFIXES`, case-insensitive; every other entry) of a
+    folder, each sorted by name; not recursive (sub-folders are among the others)."""
+    folder = Path(folder)
+    try:
+        entries = sorted(folder.iterdir(), key=lambda p: p.name)
+    except OSError as exc:
+        raise RnnlabError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()]
+    return images, [p for p in entries if p not in set(images)]
+
+
+def caption_folder(captioner: ImageCaptioner, paths: Sequence[str | Path], beam_size: int = 3,
+                   batch_size: int = FOLDER_BATCH, length_penalty: float = 0.0):
+    """Caption image files ``batch_size`` at a time: only one batch of decoded images is in memory.
+
+    Yields ``(path, caption, None)`` per captioned image (input order) and ``(path, None, reason)`` per
+    file that is missing, unreadable or not a decodable image: never raises for a bad file."""
+    from rnnlab.data.images import ImageError, load_image
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
+    for start in range(0, len(paths), batch_size):
+        good, images = [], []
+        for path in paths[start: start + batch_size]:
+            try:
+                images.append(load_image(path))
+                good.append(Path(path))
+            except ImageError as exc:
+                yield Path(path), None, exc.reason
+        if images:
+            captions = captioner.caption(images, beam_size=beam_size, length_penalty=length_penalty)
+            yield from ((path, text, None) for path, text in zip(good, captions))
+
+
+def _write_folder_captions(captioner: ImageCaptioner, images: list[Path], out, beam: int, batch_size: int,
+                           stderr, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    done, bad = 0, []
+    start = time.perf_counter()
+    with tqdm(total=len(images), unit="image", desc="caption", file=stderr, disable=not progress, mininterval=0.5,
+              dynamic_ncols=True) as bar:
+        for path, text, reason in caption_folder(captioner, images, beam, batch_size):
+            if reason is None:
+                out.write(json.dumps({"image": path.name, "caption": text}, ensure_ascii=False) + "\n")
+                done += 1
+            else:
+                bar.write(f"rnnlab caption: skipped {path.name}: {reason}", file=stderr)
+                bad.append({"image": path.name, "reason": reason})
+            bar.update(1)
+    seconds = time.perf_counter() - start
+    return {"images": len(images), "captioned": done, "bad_images": len(bad), "bad": bad,
+            "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
+
+
+def caption_folder_command(folder: str | Path, out_path: str | Path | None = None, beam: int = 3,
+                           run: str | Path | None = None, batch_size: int = FOLDER_BATCH,
+                           encoder_weights: str | Path | None = None, stdout=None, stderr=None,
+                           progress: bool = True) -> dict:
+    """``rnnlab caption DIR --out captions.jsonl``: one JSON line ``{"image": name, "caption": text}``
+    per decodable image file of ``DIR`` (sorted by name, :data:`IMAGE_SUFFIXES`), ``batch_size``
+    images loaded, encoded and decoded at a time (:func:`caption_folder`). ``folder`` may also be
+    one image file (one line).
+
+    A bad image (unreadable, truncated, not an image) is named on stderr, skipped and counted; other
+    files are named and skipped. The output file is written atomically (``out_path`` None: stdout);
+    a summary (images captioned, bad images, images/s) goes to stderr. No image file at all, or
+    none decodable, is an error naming the folder (nothing is written). Returns the summary."""
+    from rnnlab.inference import resolve_model
+
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    folder = Path(folder)
+    if not folder.exists():
+        raise RnnlabError(f"{folder}: no such folder")
+    if batch_size < 1:
+        raise RnnlabError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    if out_path is not None:
+        out_path = Path(out_path)
+        if out_path.is_dir():
+            raise RnnlabError(f"{out_path}: is a folder; --out must name a file")
+        if not out_path.parent.is_dir():
+            raise RnnlabError(f"{out_path}: the output folder {out_path.parent} does not exist")
+    images, others = list_image_files(folder) if folder.is_dir() else ([folder], [])  # a file: a folder of one
+    if out_path is not None:
+        images = [p for p in images if p.resolve() != out_path.resolve()]
+        others = [p for p in others if p.resolve() != out_path.resolve()]
+    if not images:
+        raise RnnlabError(f"{folder}: no image files ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in this folder"
+                          + (f" ({len(others)} other entries)" if others else ""))
+    for other in others:
+        print(f"rnnlab caption: skipped {other.name}: not an image file "
+              f"({'a folder' if other.is_dir() else 'suffix ' + (other.suffix or 'none')})", file=stderr)
+    captioner = ImageCaptioner(resolve_model(run, TASK), encoder_weights)
+
+    def write(out) -> dict:
+        summary = _write_folder_captions(captioner, images, out, beam, batch_size, stderr, progress)
+        if not summary["captioned"]:
+            raise RnnlabError(f"{folder}: no decodable image ({summary['bad_images']} bad image file(s): "
+                              + ", ".join(b["image"] for b in summary["bad"][:5])
+                              + (", ..." if summary["bad_images"] > 5 else "") + ")")
+        return summary
+
+    if out_path is not None:
+        with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
+            summary = write(out)
+    else:
+        summary = write(stdout)
+    summary["other_files"] = len(others)
+    rate = summary["images_per_s"]
+    print(f"rnnlab caption: {folder} -> {out_path or 'stdout'}: {summary['captioned']} image(s) captioned, "
+          f"{summary['bad_images']} bad image(s) skipped, {len(others)} other file(s) skipped; "
+          f"{summary['seconds']:.1f} s, {rate if rate is not None else '-'} images/s (beam {beam}, batch {batch_size})",
+          file=stderr)
+    return summary
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from rnnlab.data.vocab import EOS, Vocab
 from rnnlab.decoding import DecodeResult, beam_search, greedy_decode
 from rnnlab.errors import DataError, RnnlabError, TrainingError
 from rnnlab.inference import DEFAULT_MODELS, resolve_model, resolve_model_path
+from rnnlab.io import atomic_path
 from rnnlab.metrics import decode_name, perplexity, score_translations, sentence_sacrebleu
 from rnnlab.models.lm_parts import count_parameters
 from rnnlab.models.seq2seq import Seq2Seq
@@ -707,33 +708,150 @@ def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def translate_lines(module: TranslationTask, lines: list[str], beam: int) -> tuple[list[str], int, int]:
-    """Translations (``""`` for blank lines), number of blank lines, number truncated."""
+def translate_lines(module: TranslationTask, lines: list[str], beam: int,
+                    batch_size: int = DECODE_BATCH) -> tuple[list[str], int, int]:
+    """Translations (``""`` for blank lines), number of blank lines, number truncated.
+
+    ``batch_size``: sentences decoded together (sorted by length; answers in input order)."""
     keep = [i for i, line in enumerate(lines) if line.strip()]
     out = [""] * len(lines)
     truncated = 0
     if keep:
-        for i, hyp in zip(keep, module.translate([lines[i] for i in keep], beam_size=beam)):
+        for i, hyp in zip(keep, module.translate([lines[i] for i in keep], beam_size=beam, batch_size=batch_size)):
             out[i] = hyp
         truncated = module.last_truncated
     return out, len(lines) - len(keep), truncated
 
 
+def _one_line(text: str) -> str:
+    """A translation as exactly one output line (a line break inside would shift the alignment)."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def count_input_lines(path: str | Path) -> int:
+    """Check that ``path`` is a readable UTF-8 text file, before any model loads; its number of lines
+    (split at line feeds, as ``wc -l`` counts them, plus a last line without one)."""
+    path = Path(path)
+    if not path.exists():
+        raise RnnlabError(f"{path}: input file not found")
+    if not path.is_file():
+        raise RnnlabError(f"{path}: not a regular file (--input must name a text file, one sentence a line)")
+    n = 0
+    try:
+        with open(path, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}: line {n} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise RnnlabError(f"{path}: cannot read the input file ({exc.strerror or exc})") from None
+    return n
+
+
+def read_input_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file without their line ends (a leading byte-order mark dropped)."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh):
+            line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+            yield line.removeprefix("\ufeff") if n == 0 else line
+
+
+def check_output_file(path: str | Path, input_path: str | Path | None = None, flag: str = "--output") -> Path:
+    """``path`` can be written: not a folder, its folder exists, not the input file itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise RnnlabError(f"{path}: is a folder; {flag} must name a file")
+    if not path.parent.is_dir():
+        raise RnnlabError(f"{path}: the output folder {path.parent} does not exist")
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise RnnlabError(f"{path}: {flag} is the input file itself; it would be overwritten")
+    return path
+
+
+def translate_stream(module: TranslationTask, lines: Iterable[str], out, beam: int, batch_size: int = STDIN_BATCH,
+                     total: int | None = None, stderr=None, progress: bool = True) -> dict:
+    """Translate ``lines`` batch by batch into ``out`` (a text stream): output line i for input line i,
+    a blank input line gives an empty output line. A tqdm bar on ``stderr`` counts the lines.
+
+    Returns ``{lines, translated, empty, truncated, seconds, sentences_per_s}`` (seconds: the
+    translation loop, the model already loaded)."""
+    from tqdm.auto import tqdm
+
+    stderr = stderr or sys.stderr
+    done = blank = truncated = n_lines = 0
+    start = time.perf_counter()
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))  # truncation is counted in the returned summary, not logged per batch
+    try:
+        with tqdm(total=total, unit="line", desc="translate", file=stderr, disable=not progress, mininterval=0.5,
+                  dynamic_ncols=True) as bar:
+            for batch in _batches(lines, batch_size):
+                hyps, n_blank, n_cut = translate_lines(module, batch, beam, batch_size)
+                out.write("".join(_one_line(hyp) + "\n" for hyp in hyps))
+                n_lines += len(batch)
+                done += len(batch) - n_blank
+                blank += n_blank
+                truncated += n_cut
+                bar.update(len(batch))
+    finally:
+        log.setLevel(level)
+    seconds = time.perf_counter() - start
+    return {"lines": n_lines, "translated": done, "empty": blank, "truncated": truncated,
+            "seconds": round(seconds, 3), "sentences_per_s": round(done / seconds, 2) if seconds > 0 else None}
+
+
+def _check_counts(beam: int, batch_size: int, max_beam: int | None) -> None:
+    if beam < 1 or (max_beam is not None and beam > max_beam):
+        allowed = f"in 1..{max_beam}" if max_beam is not None else ">= 1"
+        raise RnnlabError(f"--beam: expected an integer {allowed}, got {beam}")
+    if batch_size < 1:
+        raise RnnlabError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+
+
 def translate_command(sentence: str | None, beam: int = 5, run: str | Path | None = None, stdin=None,
-                      stdout=None, stderr=None) -> int:
+                      stdout=None, stderr=None, *, input_path: str | Path | None = None,
+                      output_path: str | Path | None = None, batch_size: int = STDIN_BATCH,
+                      max_beam: int | None = None, progress: bool = True) -> int:
     """``rnnlab translate``: English -> German; returns the number of sentences translated.
 
     ``run``: a model folder, its ``model.ckpt`` or an MLflow run id (None or :data:`DEFAULT_RUN`: the
     default model, :func:`rnnlab.inference.resolve_model`). Without ``sentence``, stdin is
     translated line by line: a blank line gives an empty output line (output line i belongs to
     input line i) and the count of blank lines goes to stderr, as does the number of sentences
-    truncated to the model's ``max_len``. Unknown words become ``<unk>``."""
+    truncated to the model's ``max_len``. Unknown words become ``<unk>``.
+
+    With ``input_path`` and/or ``output_path`` (``--input FILE --output FILE``; the other side is
+    stdin/stdout when left out): the input is checked (exists, UTF-8) and the output folder too
+    before the model loads; then :func:`translate_stream` translates ``batch_size`` lines at a
+    time with a progress bar and the output file is written atomically (nothing is left at
+    ``output_path`` when it fails); a summary line with sentences/s goes to stderr.
+    ``max_beam``: the largest beam accepted (the CLI passes :data:`rnnlab.serving.MAX_BEAM`)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
-    if beam < 1:
-        raise RnnlabError(f"--beam: expected an integer >= 1, got {beam}")
+    _check_counts(beam, batch_size, max_beam)
+    files = input_path is not None or output_path is not None
+    if sentence is not None and files:
+        raise RnnlabError("give either a sentence or --input/--output, not both")
     if sentence is not None and not sentence.strip():
         raise RnnlabError("the sentence to translate is empty or whitespace-only")
+    total = count_input_lines(input_path) if input_path is not None else None
+    if output_path is not None:
+        check_output_file(output_path, input_path)
     module = load(resolve_model(None if run is None or str(run) == DEFAULT_RUN else run, TASK))
+    if files:
+        lines = read_input_lines(input_path) if input_path is not None else stdin
+        if output_path is not None:
+            with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as out:
+                summary = translate_stream(module, lines, out, beam, batch_size, total, stderr, progress)
+        else:
+            summary = translate_stream(module, lines, stdout, beam, batch_size, total, stderr, progress)
+        rate = summary["sentences_per_s"]
+        print(f"rnnlab translate: {summary['lines']} line(s) -> {output_path or 'stdout'}: "
+              f"{summary['translated']} sentence(s) translated, {summary['empty']} empty or whitespace-only "
+              f"line(s) left empty, {summary['truncated']} truncated to {module.hparams.decode_max_len} tokens; "
+              f"{summary['seconds']:.1f} s, {rate if rate is not None else '-'} sentences/s "
+              f"(beam {beam}, batch {batch_size})", file=stderr)
+        return summary["translated"]
     if sentence is not None:
         (hyp,), blank, truncated = translate_lines(module, [sentence], beam)
         print(hyp, file=stdout)
@@ -741,8 +859,8 @@ def translate_command(sentence: str | None, beam: int = 5, run: str | Path | Non
     else:
         interactive = hasattr(stdin, "isatty") and stdin.isatty()
         done = blank = truncated = 0
-        for lines in _batches(stdin, 1 if interactive else STDIN_BATCH):
-            hyps, n_blank, n_cut = translate_lines(module, lines, beam)
+        for lines in _batches(stdin, 1 if interactive else batch_size):
+            hyps, n_blank, n_cut = translate_lines(module, lines, beam, batch_size)
             for hyp in hyps:
                 print(hyp, file=stdout, flush=interactive)
             done += len(lines) - n_blank
