@@ -34,7 +34,9 @@ SMOKE = {
 def full_repro(tmp_path_factory):
     repo = copy_repo(tmp_path_factory.mktemp("full") / "repo")
     edit_params(repo, tiny_params)
-    edit_params(repo, lambda p: p.update(profile="full"))
+    # tracking off: MLflow start-up and model registration per stage would triple the test's time, and
+    # tracking is tested by the tiny pipeline (tests/test_pipeline.py); this test is about the configs
+    edit_params(repo, lambda p: p.update(profile="full", tracking={"enabled": False}))
     full = yaml.safe_load((repo / "profiles" / "full.yaml").read_text())
     # the runs of the full profile set their own epochs/batches: the limits go over each of them
     smoke = {**SMOKE, "train_lm": {"defaults": LIMITS_LM,
