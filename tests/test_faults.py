@@ -330,3 +330,22 @@ def test_readme_reliability_table_points_at_existing_tests():
     missing = [f"{f}::{t}" for f, t in refs
                if not re.search(rf"^def {t}\(", (REPO / "tests" / f).read_text(encoding="utf-8"), re.M)]
     assert missing == []
+
+
+def test_experiment_created_by_a_parallel_worker_is_reused(tmp_path):
+    """Two DVC queue workers starting at once both try to create the MLflow experiment: the loser
+    takes the winner's id instead of failing the stage (seen in tests/test_exp_queue.py)."""
+    from rnnlab.tracking import _get_experiment_id
+
+    class Racing:
+        def __init__(self):
+            self.calls = 0
+
+        def get_experiment_by_name(self, name):
+            self.calls += 1
+            return None if self.calls == 1 else type("E", (), {"experiment_id": "42"})()
+
+        def create_experiment(self, name, artifact_location=None):
+            raise RuntimeError("RESOURCE_ALREADY_EXISTS: Experiment(name=rnnlab-lm) already exists.")
+
+    assert _get_experiment_id(Racing(), "rnnlab-lm", tmp_path) == "42"

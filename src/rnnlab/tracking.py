@@ -322,7 +322,16 @@ def _get_experiment_id(client, name: str, root: Path) -> str:
     artifact_location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         artifact_location = (root / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception as exc:  # noqa: BLE001
+        # Two processes (parallel DVC queue workers) creating it at once: the other one won.
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+            raise
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _dep_key(dep: str | Path, root: Path) -> tuple[str, Path]:
