@@ -30,7 +30,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def record_imports(folder: str) -> None:
     """Write the project files this process imported to ``<folder>/<stage>.json`` (``RNNLAB_RECORD_IMPORTS``;
     ``<stage>`` as DVC names it: ``train_lm@ptb-lstm``): the test that every dvc.yaml stage depends
-    on every module it runs (tests/test_dvc_deps.py) reads them."""
+    on every module it runs (tests/test_pipeline.py) reads them."""
     import json
     from pathlib import Path
 
