@@ -13,19 +13,27 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi: int):
+    """Lay out, write (its folder made) and close a figure; returns the path."""
+    from pathlib import Path
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 # -- translation -----------------------------------------------------------------------------
 def plot_attention(source_tokens: list[str], target_tokens: list[str], weights, path, title: str = ""):
     """Heatmap of ``weights`` [len(target_tokens), len(source_tokens)] (rows: output steps) to a PNG."""
-    from pathlib import Path
-
     import torch
 
     plt = pyplot()
     weights = torch.as_tensor(weights).float().numpy()
     if weights.shape != (len(target_tokens), len(source_tokens)):
         raise ValueError(f"weights {weights.shape} do not match {len(target_tokens)} x {len(source_tokens)} tokens")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(0.35 * len(source_tokens) + 2.5, 0.3 * len(target_tokens) + 2))
     image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(source_tokens)), source_tokens, rotation=90)
@@ -35,10 +43,7 @@ def plot_attention(source_tokens: list[str], target_tokens: list[str], weights, 
     if title:
         ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 100)
 
 
 def plot_bleu_vs_beam(rows: list[dict], path, title: str):
@@ -53,10 +58,7 @@ def plot_bleu_vs_beam(rows: list[dict], path, title: str):
     ax.set_ylabel("score")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 100)
 
 
 # -- captioning ------------------------------------------------------------------------------
@@ -101,11 +103,7 @@ def save_caption_grid(path, image_dir, names, generated, references, columns: in
                 color="white", bbox=dict(facecolor="black", alpha=0.55, pad=2))
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 80)
 
 
 def save_attention_grid(path, image_dir, names, tokens, attention, grid: int = 7, max_words: int = 12):
@@ -134,8 +132,4 @@ def save_attention_grid(path, image_dir, names, tokens, attention, grid: int = 7
             ax.imshow(image)
             ax.imshow(up[0, 0].numpy(), cmap="jet", alpha=0.5)
             ax.set_title(word, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=70)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 70)
