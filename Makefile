@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv pipeline test ui metrics plots clean-venv
+.PHONY: venv pipeline test lint ui metrics plots clean-venv
 
 $(BIN)/rnnlab: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ pipeline: venv
 ## Run the test suite (unit, data, model and pipeline tests on the real corpora mirror).
 test: venv
 	$(BIN)/python -m pytest -q
+
+## Lint and format check (what CI runs first); `pre-commit install` runs the same on every commit.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ## Browse MLflow runs on http://127.0.0.1:$(UI_PORT) (the repo's store, or $$MLFLOW_TRACKING_URI)
 UI_PORT ?= 5000

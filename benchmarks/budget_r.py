@@ -37,8 +37,7 @@ def measure_r(prepared: Path, batches: int = 0, seed: int = 1) -> dict:
 
     torch.manual_seed(seed)
     dm = LMDataModule(prepared, batch_size=20, bptt=35)
-    model = build_language_model("lstm", len(dm.vocab), embedding_size=200, hidden_size=200, num_layers=2,
-                                 dropout=0.2)
+    model = build_language_model("lstm", len(dm.vocab), embedding_size=200, hidden_size=200, num_layers=2, dropout=0.2)
     model.train()
     windows = dm.windows("train")
     total = len(windows)
@@ -57,17 +56,43 @@ def measure_r(prepared: Path, batches: int = 0, seed: int = 1) -> dict:
             for p in model.parameters():
                 p.add_(p.grad, alpha=-20.0)
     seconds = time.perf_counter() - started
-    return {"R_s": round(seconds * total / n, 1), "batches_timed": n, "batches_per_epoch": total,
-            "tokens_per_s": round(n * 20 * 35 / seconds, 1), "threads": torch.get_num_threads()}
+    return {
+        "R_s": round(seconds * total / n, 1),
+        "batches_timed": n,
+        "batches_per_epoch": total,
+        "tokens_per_s": round(n * 20 * 35 / seconds, 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_stage(section: str, run: str, params_file: Path, out: Path) -> float:
-    script = {"train_lm": "pipeline/train_lm.py", "train_seq2seq": "pipeline/train_seq2seq.py",
-              "train_captioner": "pipeline/train_captioner.py"}[section]
-    cmd = [sys.executable, script, "--params", str(params_file), "--run", run, "--prepared", "data/prepared",
-           "--features", "data/features/flickr8k", "--raw", "data/raw", "--models", str(out / "models"),
-           "--metrics", str(out / f"{run}.json"), "--plots", str(out / f"{run}-plot.json"),
-           "--checkpoints", str(out / "checkpoints")]
+    script = {
+        "train_lm": "pipeline/train_lm.py",
+        "train_seq2seq": "pipeline/train_seq2seq.py",
+        "train_captioner": "pipeline/train_captioner.py",
+    }[section]
+    cmd = [
+        sys.executable,
+        script,
+        "--params",
+        str(params_file),
+        "--run",
+        run,
+        "--prepared",
+        "data/prepared",
+        "--features",
+        "data/features/flickr8k",
+        "--raw",
+        "data/raw",
+        "--models",
+        str(out / "models"),
+        "--metrics",
+        str(out / f"{run}.json"),
+        "--plots",
+        str(out / f"{run}-plot.json"),
+        "--checkpoints",
+        str(out / "checkpoints"),
+    ]
     started = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
     return time.perf_counter() - started
@@ -96,13 +121,20 @@ def main() -> None:
                 runs = {}
                 for name in params[args.section]["runs"]:
                     runs[name] = round(run_stage(args.section, name, params_file, Path(tmp)), 1)
-                    print(f"{args.section}@{name}: {runs[name]} s = {runs[name] / r['R_s']:.2f} R", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"{args.section}@{name}: {runs[name]} s = {runs[name] / r['R_s']:.2f} R",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             finally:
                 params_file.unlink(missing_ok=True)
         total = sum(runs.values())
-        report[args.section] = {"runs_s": runs, "total_s": round(total, 1), "total_R": round(total / r["R_s"], 2),
-                                "runs_R": {k: round(v / r["R_s"], 2) for k, v in runs.items()}}
+        report[args.section] = {
+            "runs_s": runs,
+            "total_s": round(total, 1),
+            "total_R": round(total / r["R_s"], 2),
+            "runs_R": {k: round(v / r["R_s"], 2) for k, v in runs.items()},
+        }
     print(json.dumps(report, indent=1))
 
 

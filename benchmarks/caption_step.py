@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from rnnlab.stages.features import images_to_encode
 from rnnlab.data.captions import CaptionDataModule, read_flickr8k
 from rnnlab.data.images import load_image
 from rnnlab.features import encode_batch, extract_features, optimize_for_inference
 from rnnlab.models.image_encoder import build_image_encoder
+from rnnlab.stages.features import images_to_encode
 from rnnlab.tasks.captioning import CaptioningTask
 
 DEFAULT_RAW = Path("/work/shared/corpora/flickr8k")
@@ -67,8 +67,9 @@ def main() -> None:
     captions = table[table["image"].isin(names)].reset_index(drop=True)
     with tempfile.TemporaryDirectory() as tmp:
         feats = Path(tmp) / "features.npy"
-        summary = extract_features(args.raw / "images", names, feats, Path(tmp) / "features.json", batch_size=16,
-                                   num_workers=0)
+        summary = extract_features(
+            args.raw / "images", names, feats, Path(tmp) / "features.json", batch_size=16, num_workers=0
+        )
         print(f"feature cache: {summary['encoded']} images at {summary['images_per_s']} images/s")
         dm = CaptionDataModule(captions, feats, batch_size=args.batch, min_freq=1)
         dm.setup()
@@ -91,8 +92,7 @@ def main() -> None:
     what = "CNN only" if args.no_decode else "JPEG decode + CNN"
     for decoder in ("show_tell", "soft_attention"):
         torch.manual_seed(0)
-        task = CaptioningTask(decoder, vocab_size=len(dm.vocab), feature_size=int(dm.features.shape[2]),
-                              vocab=dm.vocab)
+        task = CaptioningTask(decoder, vocab_size=len(dm.vocab), feature_size=int(dm.features.shape[2]), vocab=dm.vocab)
         task.train()
         optimizer = torch.optim.Adam(task.parameters(), lr=4e-4)
         cached = statistics.median(timed_steps(task, optimizer, cached_batch, args.steps))
@@ -109,8 +109,10 @@ def main() -> None:
         task.caption(test_features, beam_size=beam, batch_size=100)
         seconds = time.perf_counter() - start
         label = "greedy" if beam == 1 else f"beam {beam}"
-        print(f"decoding {label:7s}: {len(test_features) / seconds:8.1f} captions/s ({len(test_features)} test images, "
-              "untrained weights: lengths may differ from a trained model)")
+        print(
+            f"decoding {label:7s}: {len(test_features) / seconds:8.1f} captions/s ({len(test_features)} test images, "
+            "untrained weights: lengths may differ from a trained model)"
+        )
     print(f"load average after {os.getloadavg()}")
 
 

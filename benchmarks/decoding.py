@@ -33,9 +33,16 @@ def build_task(args) -> tuple[TranslationTask, str]:
     torch.manual_seed(0)
     dm = ParallelDataModule(read_multi30k(args.raw_dir), tokenizer="word", min_freq=2)
     dm.setup()
-    task = TranslationTask(len(dm.src_vocab), len(dm.tgt_vocab), attention="bahdanau", decode_max_len=args.max_len,
-                           src_vocab=dm.src_vocab, tgt_vocab=dm.tgt_vocab, src_tokenizer=dm.src_tokenizer,
-                           tgt_tokenizer=dm.tgt_tokenizer)
+    task = TranslationTask(
+        len(dm.src_vocab),
+        len(dm.tgt_vocab),
+        attention="bahdanau",
+        decode_max_len=args.max_len,
+        src_vocab=dm.src_vocab,
+        tgt_vocab=dm.tgt_vocab,
+        src_tokenizer=dm.src_tokenizer,
+        tgt_tokenizer=dm.tgt_tokenizer,
+    )
     return task, "random-init model (default CPU size, word vocab)"
 
 
@@ -52,8 +59,12 @@ def main() -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=256, help="sentences per decoding batch")
-    parser.add_argument("--loop-sentences", type=int, default=1000,
-                        help="sentences for the one-at-a-time loop (rate extrapolates; 1000 = all)")
+    parser.add_argument(
+        "--loop-sentences",
+        type=int,
+        default=1000,
+        help="sentences for the one-at-a-time loop (rate extrapolates; 1000 = all)",
+    )
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads:
@@ -70,10 +81,15 @@ def main() -> None:
     loop = sources[: args.loop_sentences]
     loop_s = timed(lambda: [task.decode_sentences([s], beam_size=args.beam, **opts) for s in loop])
 
-    rates = {"greedy (batched)": n / greedy_s, f"beam {args.beam} (batched)": n / beam_s,
-             f"beam {args.beam} (one sentence at a time)": len(loop) / loop_s}
-    print(f"model: {what}; {torch.get_num_threads()} threads; {n} test sentences; max_len {args.max_len}; "
-          f"batch {args.batch_size}; loop over {len(loop)} sentences")
+    rates = {
+        "greedy (batched)": n / greedy_s,
+        f"beam {args.beam} (batched)": n / beam_s,
+        f"beam {args.beam} (one sentence at a time)": len(loop) / loop_s,
+    }
+    print(
+        f"model: {what}; {torch.get_num_threads()} threads; {n} test sentences; max_len {args.max_len}; "
+        f"batch {args.batch_size}; loop over {len(loop)} sentences"
+    )
     for name, rate in rates.items():
         print(f"  {name:<40} {rate:8.1f} sentences/s")
     batched_vs_loop = rates[f"beam {args.beam} (batched)"] / rates[f"beam {args.beam} (one sentence at a time)"]

@@ -47,7 +47,7 @@ def run_naive(model, image_dir: Path, names: list[str], batch_size: int, mean, s
     outputs = []
     with torch.no_grad():
         for i in range(0, len(names), batch_size):
-            images = torch.stack([load_image(image_dir / n) for n in names[i: i + batch_size]])
+            images = torch.stack([load_image(image_dir / n) for n in names[i : i + batch_size]])
             x = (images.float() / 255.0 - mean) / std
             maps = model.extract_features(x)  # [batch, 1280, 7, 7]
             outputs.append(maps.permute(0, 2, 3, 1).reshape(maps.size(0), -1, maps.size(1)))
@@ -75,8 +75,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = sorted(p.name for p in args.image_dir.glob("*.jpg"))[: args.images]
-    print(f"{len(names)} images from {args.image_dir}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}")
+    print(
+        f"{len(names)} images from {args.image_dir}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs; load average before: {os.getloadavg()[0]:.2f}"
+    )
 
     naive = naive_model()
     encoder = build_image_encoder("efficientnet_lite0")
@@ -100,8 +102,10 @@ def main() -> None:
     print(f"{'path':<52} {'images/s':>9}")
     print(f"{'naive: PyPI EfficientNet-Lite0 as is, batch ' + str(args.naive_batch):<52} {best_naive:9.1f}")
     print(f"{'rnnlab: folded BN, channels-last, worker decode, b' + str(args.fast_batch):<52} {best_fast:9.1f}")
-    print(f"speed-up x{best_fast / best_naive:.2f}; features max abs difference {diff32:.2e} (float32), "
-          f"{diff16:.2e} after the float16 cache cast; feature range [0, {f_naive.max().item():.1f}]")
+    print(
+        f"speed-up x{best_fast / best_naive:.2f}; features max abs difference {diff32:.2e} (float32), "
+        f"{diff16:.2e} after the float16 cache cast; feature range [0, {f_naive.max().item():.1f}]"
+    )
     print(f"load average after: {os.getloadavg()[0]:.2f} (a value above the CPU count means shared cores)")
 
 

@@ -42,7 +42,7 @@ def expand_stages(dvc: dict, params: dict) -> list[tuple[str, dict]]:
         for key, item in runs.items():
             text = yaml.safe_dump(stage["do"]).replace("${key}", key)
             for field, value in (item or {}).items():
-                text = text.replace("${item.%s}" % field, str(value))
+                text = text.replace("${item." + field + "}", str(value))
             out.append((f"{name}@{key}", yaml.safe_load(text)))
     return out
 
@@ -81,8 +81,15 @@ def main() -> None:
             continue
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, shell=True, cwd=REPO, timeout=min(args.stage_cap, left),
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True)
+            proc = subprocess.run(
+                cmd,
+                shell=True,
+                cwd=REPO,
+                timeout=min(args.stage_cap, left),
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                capture_output=True,
+                text=True,
+            )
             code, tail = proc.returncode, proc.stderr[-1500:]
         except subprocess.TimeoutExpired:
             code, tail = "timeout", f"stopped after {min(args.stage_cap, left):.0f} s"
@@ -91,8 +98,12 @@ def main() -> None:
             path = REPO / (next(iter(entry)) if isinstance(entry, dict) else entry)
             if path.is_file():
                 metrics[str(path.relative_to(REPO))] = json.loads(path.read_text())
-        report[name] = {"wall_s": round(time.monotonic() - t0, 1), "exit": code, "metrics": metrics,
-                        **({"stderr_tail": tail} if code != 0 else {})}
+        report[name] = {
+            "wall_s": round(time.monotonic() - t0, 1),
+            "exit": code,
+            "metrics": metrics,
+            **({"stderr_tail": tail} if code != 0 else {}),
+        }
         print(f"{name}: exit {code} in {report[name]['wall_s']} s", file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1, default=str))
 

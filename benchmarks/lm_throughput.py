@@ -69,10 +69,22 @@ def plain_loop(run: LMRunConfig, dm: LMDataModule, batches: int, seed: int) -> f
 
 def lightning_loop(keys: dict, prepared: Path, out: Path, seed: int) -> float:
     # The stage's own loop; tokens/s counts training steps only (evaluation excluded).
-    params = {"seed": seed, "tracking": {"enabled": False}, "trainer": {"checkpoint_every_n_steps": 0},
-              "train_lm": {"runs": {"bench": keys}}}
-    row = train_stage(params, "train_lm", "bench", StagePaths(prepared=prepared.parent), out / "models",
-                      out / "bench.json", out / "bench-plot.json", out / "checkpoints")
+    params = {
+        "seed": seed,
+        "tracking": {"enabled": False},
+        "trainer": {"checkpoint_every_n_steps": 0},
+        "train_lm": {"runs": {"bench": keys}},
+    }
+    row = train_stage(
+        params,
+        "train_lm",
+        "bench",
+        StagePaths(prepared=prepared.parent),
+        out / "models",
+        out / "bench.json",
+        out / "bench-plot.json",
+        out / "checkpoints",
+    )
     return row["tokens_per_s"]
 
 
@@ -85,8 +97,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/rnnlab-bench"))
     args = ap.parse_args()
-    keys = dict(corpus=args.prepared.name, model="lstm", embedding_size=args.hidden, hidden_size=args.hidden,
-                batch_size=args.batch_size, limit_train_batches=args.batches, train_fraction=1.0, samples=0)
+    keys = dict(
+        corpus=args.prepared.name,
+        model="lstm",
+        embedding_size=args.hidden,
+        hidden_size=args.hidden,
+        batch_size=args.batch_size,
+        limit_train_batches=args.batches,
+        train_fraction=1.0,
+        samples=0,
+    )
     run = parse_run(keys, "bench")
     # Keep evaluation out of the way: the Lightning run still validates once, excluded from tokens/s.
     dm = LMDataModule(args.prepared, run.batch_size, run.bptt, run.eval_batch_size)
@@ -98,7 +118,8 @@ def main() -> None:
     peak = matmul_gflops()
     fpt = flops_per_token(run, len(dm.vocab))
     result = {
-        "config": f"LSTM {run.num_layers}x{run.hidden_size}, batch {run.batch_size} x bptt {run.bptt}, vocab {len(dm.vocab)}",
+        "config": f"LSTM {run.num_layers}x{run.hidden_size}, batch {run.batch_size} x bptt {run.bptt}, "
+        f"vocab {len(dm.vocab)}",
         "threads": torch.get_num_threads(),
         "plain_tokens_per_s": round(best_plain, 1),
         "lightning_tokens_per_s": round(best_light, 1),

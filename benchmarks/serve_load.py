@@ -54,17 +54,25 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-CYCLE = ("good", "not_json", "good", "oversized", "good", "missing_column", "good", "too_many_records", "good",
-         "good")
-SENTENCES = ("A man is riding a bike.", "Two dogs play in the snow.", "A little girl climbs the stairs.",
-             "A woman sells fruit at a market.", "People are walking down a busy street.")
+CYCLE = ("good", "not_json", "good", "oversized", "good", "missing_column", "good", "too_many_records", "good", "good")
+SENTENCES = (
+    "A man is riding a bike.",
+    "Two dogs play in the snow.",
+    "A little girl climbs the stairs.",
+    "A woman sells fruit at a market.",
+    "People are walking down a busy street.",
+)
 
 
 def limits() -> dict:
     with warnings.catch_warnings(record=True):  # MLflow warns that predict() has no type hints
         from rnnlab import serving
-    return {"MAX_ROWS": serving.MAX_ROWS, "MAX_TEXT_CHARS": serving.MAX_TEXT_CHARS,
-            "MAX_IMAGE_B64_CHARS": serving.MAX_IMAGE_B64_CHARS, "MAX_BEAM": serving.MAX_BEAM}
+    return {
+        "MAX_ROWS": serving.MAX_ROWS,
+        "MAX_TEXT_CHARS": serving.MAX_TEXT_CHARS,
+        "MAX_IMAGE_B64_CHARS": serving.MAX_IMAGE_B64_CHARS,
+        "MAX_BEAM": serving.MAX_BEAM,
+    }
 
 
 def detect_task(model: str, tracking_uri: str) -> str:
@@ -99,12 +107,14 @@ def request_bodies(task: str, lim: dict, args) -> dict:
 
         def good_record(i):
             return {"prompt": "the company said", "tokens": args.tokens, "seed": i % 1000}
+
         oversized = {"prompt": "the " * (lim["MAX_TEXT_CHARS"] // 4 + 1)}
     elif task == "translation":
         column = "text"
 
         def good_record(i):
             return {"text": SENTENCES[i % len(SENTENCES)], "beam": args.beam}
+
         oversized = {"text": "a dog runs . " * (lim["MAX_TEXT_CHARS"] // 13 + 1)}
     else:
         column = "image"
@@ -112,6 +122,7 @@ def request_bodies(task: str, lim: dict, args) -> dict:
 
         def good_record(i):
             return {"image": image, "beam": args.beam}
+
         oversized = {"image": "A" * (lim["MAX_IMAGE_B64_CHARS"] + 4)}
 
     def body(records):
@@ -133,8 +144,14 @@ def free_port() -> int:
 
 
 def has_workers_option(mlflow_bin: Path, env: dict) -> bool:
-    out = subprocess.run([str(mlflow_bin), "models", "serve", "--help"], capture_output=True, text=True, env=env,
-                         check=False, timeout=120)
+    out = subprocess.run(
+        [str(mlflow_bin), "models", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=120,
+    )
     return "--workers" in out.stdout
 
 
@@ -144,14 +161,26 @@ class Server:
 
     def __init__(self, model: str, env: dict, workers: int | None, log_path: Path):
         self.port = free_port()
-        cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1",
-               "-p", str(self.port)]
+        cmd = [
+            str(VENV_BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            model,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+        ]
         if workers:
             cmd += ["--workers", str(workers)]
         self.cmd, self.log_path = cmd, log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - open while the server runs, closed by stop()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     cwd=tempfile.gettempdir())
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tempfile.gettempdir()
+        )
         self.seen: dict[int, psutil.Process] = {}
         self.peak_rss = self.peak_pss = 0
         self._stop_sampling = threading.Event()
@@ -242,8 +271,16 @@ class Server:
         return [p.pid for p in self.seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def client(port: int, kinds: list[str], bodies: dict, offset: int, timeout: float, deadline: float,
-           results: list, start: threading.Barrier) -> None:
+def client(
+    port: int,
+    kinds: list[str],
+    bodies: dict,
+    offset: int,
+    timeout: float,
+    deadline: float,
+    results: list,
+    start: threading.Barrier,
+) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     start.wait()
     for j, kind in enumerate(kinds):
@@ -273,8 +310,12 @@ def judge(kind: str, status, data: bytes) -> bool:
         return False
     if kind == "good":
         return status == 200 and isinstance(answer.get("predictions"), list) and len(answer["predictions"]) == 1
-    return (isinstance(status, int) and 400 <= status < 500 and bool(answer.get("message"))
-            and "Traceback" not in data.decode("utf-8", "replace"))
+    return (
+        isinstance(status, int)
+        and 400 <= status < 500
+        and bool(answer.get("message"))
+        and "Traceback" not in data.decode("utf-8", "replace")
+    )
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
@@ -284,8 +325,9 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="registered model URI (models:/name/version) or a pyfunc model folder")
-    parser.add_argument("--tracking-uri",
-                        default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}"))
+    parser.add_argument(
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{REPO / 'mlflow.db'}")
+    )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     parser.add_argument("--requests", type=int, default=200, help="requests per client (default 200)")
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
@@ -303,9 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients, --requests and --workers must be >= 1")
 
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    env = {**os.environ, "MLFLOW_TRACKING_URI": args.tracking_uri, "OMP_NUM_THREADS": str(args.threads),
-           "MKL_NUM_THREADS": str(args.threads), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONWARNINGS": "ignore::UserWarning"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": args.tracking_uri,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONWARNINGS": "ignore::UserWarning",
+    }
     task = detect_task(model, args.tracking_uri)
     lim = limits()
     bodies = request_bodies(task, lim, args)
@@ -319,9 +366,16 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    report: dict = {"model": args.model, "task": task, "tracking_uri": args.tracking_uri,
-                    "mlflow_workers": workers or "unsupported (1)", "clients": args.clients,
-                    "requests_per_client": args.requests, "cpu_count": os.cpu_count(), "server_log": str(log_path)}
+    report: dict = {
+        "model": args.model,
+        "task": task,
+        "tracking_uri": args.tracking_uri,
+        "mlflow_workers": workers or "unsupported (1)",
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "cpu_count": os.cpu_count(),
+        "server_log": str(log_path),
+    }
     try:
         server = Server(model, env, workers, log_path)
         atexit.register(server.stop)
@@ -333,8 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         threads = []
         for c in range(args.clients):
             kinds = [CYCLE[(c + j) % len(CYCLE)] for j in range(args.requests)]
-            t = threading.Thread(target=client, args=(server.port, kinds, bodies, c * args.requests,
-                                                      args.request_timeout, deadline, results, barrier), daemon=True)
+            t = threading.Thread(
+                target=client,
+                args=(server.port, kinds, bodies, c * args.requests, args.request_timeout, deadline, results, barrier),
+                daemon=True,
+            )
             t.start()
             threads.append(t)
         barrier.wait()
@@ -351,29 +408,34 @@ def main(argv: list[str] | None = None) -> int:
         by_kind: dict = {}
         for kind, status, _, _ in results:
             by_kind.setdefault(kind, Counter())[str(status)] += 1
-        report.update({
-            "requests_sent": len(results),
-            "stopped_early": len(results) < args.clients * args.requests,
-            "wall_s": round(wall, 2),
-            "throughput_rps": round(len(results) / wall, 2),
-            "good_throughput_rps": round(len(good_ok) / wall, 2),
-            "latency_ms_good": {"p50": percentile_ms(latencies, 50), "p95": percentile_ms(latencies, 95),
-                                "p99": percentile_ms(latencies, 99),
-                                "mean": round(float(np.mean(latencies)) * 1000, 1) if latencies else None,
-                                "max": round(max(latencies) * 1000, 1) if latencies else None},
-            "latency_ms_malformed_p50": percentile_ms([r[2] for r in bad], 50),
-            "status_counts": dict(sorted(Counter(str(r[1]) for r in results).items())),
-            "status_counts_by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
-            "peak_rss_mb": round(server.peak_rss / 2**20, 1),
-            "peak_pss_mb": round(server.peak_pss / 2**20, 1) if server.peak_pss else None,
-            "server_processes": len(server.tree()),
-            "good_requests": len(good),
-            "good_failed": len(good) - len(good_ok),
-            "any_good_failed": len(good_ok) < len(good),
-            "malformed_requests": len(bad),
-            "malformed_not_refused_4xx": sum(not r[3] for r in bad),
-            "server_alive_after": alive,
-        })
+        report.update(
+            {
+                "requests_sent": len(results),
+                "stopped_early": len(results) < args.clients * args.requests,
+                "wall_s": round(wall, 2),
+                "throughput_rps": round(len(results) / wall, 2),
+                "good_throughput_rps": round(len(good_ok) / wall, 2),
+                "latency_ms_good": {
+                    "p50": percentile_ms(latencies, 50),
+                    "p95": percentile_ms(latencies, 95),
+                    "p99": percentile_ms(latencies, 99),
+                    "mean": round(float(np.mean(latencies)) * 1000, 1) if latencies else None,
+                    "max": round(max(latencies) * 1000, 1) if latencies else None,
+                },
+                "latency_ms_malformed_p50": percentile_ms([r[2] for r in bad], 50),
+                "status_counts": dict(sorted(Counter(str(r[1]) for r in results).items())),
+                "status_counts_by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
+                "peak_rss_mb": round(server.peak_rss / 2**20, 1),
+                "peak_pss_mb": round(server.peak_pss / 2**20, 1) if server.peak_pss else None,
+                "server_processes": len(server.tree()),
+                "good_requests": len(good),
+                "good_failed": len(good) - len(good_ok),
+                "any_good_failed": len(good_ok) < len(good),
+                "malformed_requests": len(bad),
+                "malformed_not_refused_4xx": sum(not r[3] for r in bad),
+                "server_alive_after": alive,
+            }
+        )
     except RuntimeError as exc:  # the server did not start
         report["error"] = str(exc)
     except BaseException:  # Ctrl-C, SIGTERM: no figures, but the server goes down all the same

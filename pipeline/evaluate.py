@@ -21,12 +21,25 @@ def main() -> None:
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, default=Path("data/plots/evaluate"))
     ap.add_argument("--report", type=Path, default=Path("data/reports"))
-    ap.add_argument("--pictures", type=Path, nargs="*", default=[Path("data/study")],
-                    help="extra folders whose PNGs go into the report")
+    ap.add_argument(
+        "--pictures",
+        type=Path,
+        nargs="*",
+        default=[Path("data/study")],
+        help="extra folders whose PNGs go into the report",
+    )
     args = ap.parse_args()
     paths = StagePaths(prepared=args.prepared, features=args.features, raw=args.raw)
-    evaluate_stage(load_params(args.params), paths, args.models, args.train_metrics, args.metrics,
-                   args.report, args.plots, tuple(args.pictures))
+    evaluate_stage(
+        load_params(args.params),
+        paths,
+        args.models,
+        args.train_metrics,
+        args.metrics,
+        args.report,
+        args.plots,
+        tuple(args.pictures),
+    )
 
 
 if __name__ == "__main__":

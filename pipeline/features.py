@@ -3,9 +3,9 @@
 import argparse
 from pathlib import Path
 
-from rnnlab.stages.features import features_stage
 from rnnlab.cli import run_stage
 from rnnlab.config import load_params
+from rnnlab.stages.features import features_stage
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""DVC stage train_captioner@<run>: train one caption decoder (a run of params train_captioner.runs) on cached image features and score the test images."""
+"""DVC stage train_captioner@<run>: train one caption decoder (a run of params train_captioner.runs)
+on cached image features and score the test images."""
 
 from rnnlab.cli import run_stage
 from rnnlab.stages.train import main

@@ -1,4 +1,5 @@
-"""DVC stage train_lm@<run>: train one language model (a run of params train_lm.runs) by truncated BPTT, or count its n-gram."""
+"""DVC stage train_lm@<run>: train one language model (a run of params train_lm.runs) by truncated
+BPTT, or count its n-gram."""
 
 from rnnlab.cli import run_stage
 from rnnlab.stages.train import main

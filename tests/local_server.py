@@ -28,8 +28,9 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def local_service(cmd: list[str], log_path: Path, health: str, env: dict | None = None, cwd: Path | None = None,
-                  timeout: float = 240):
+def local_service(
+    cmd: list[str], log_path: Path, health: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 240
+):
     """Yield ``(base_url, proc)`` for ``cmd`` (its ``{port}`` placeholders filled with a free port)
     once ``base_url + health`` answers 200; the service's output goes to ``log_path``."""
     port = free_port()
@@ -41,8 +42,9 @@ def local_service(cmd: list[str], log_path: Path, health: str, env: dict | None 
             deadline = time.monotonic() + timeout
             while not _answers(base + health):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"{' '.join(cmd[:3])} did not answer {health}:\n"
-                                         + log_path.read_text()[-3000:])
+                    raise AssertionError(
+                        f"{' '.join(cmd[:3])} did not answer {health}:\n" + log_path.read_text()[-3000:]
+                    )
                 time.sleep(0.5)
             yield base, proc
         finally:

@@ -28,8 +28,13 @@ RUN_DIR = "data/checkpoints/train_lm/ptb-lstm"  # the tiny profile's resume fold
 def env(**extra: str) -> dict:
     out = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RNNLAB_MIRROR")}
     out["PATH"] = VENV_BIN + os.pathsep + out.get("PATH", "")
-    out.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.invalid", PYTHONUNBUFFERED="1")
+    out.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.invalid",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.invalid",
+        PYTHONUNBUFFERED="1",
+    )
     out.update(extra)
     return out
 
@@ -37,7 +42,9 @@ def env(**extra: str) -> dict:
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 900, **extra_env: str):
     proc = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -63,8 +70,13 @@ def start(cmd: list[str], cwd: Path, **extra_env: str) -> Started:
 
 def copy_repo(dst: Path) -> Path:
     """Copy the tracked + untracked-not-ignored files (what a fresh clone would have)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = REPO / rel
         if src.is_file() and not rel.startswith("data/"):
@@ -93,11 +105,25 @@ def tiny_params(params: dict) -> dict:
 
 # The resume/fault/DDP tests' LM profile over `tiny`: PTB only, a 32-unit one-layer LSTM on 5% of the
 # train stream, one epoch of 20 windows, a checkpoint every 4 steps, one thread per process.
-LM_ONLY = {"download": {"corpora": ["ptb"]}, "prepare": {"corpora": ["ptb"]},
-           "train_lm": {"defaults": {"embedding_size": 32, "hidden_size": 32, "batch_size": 20, "bptt": 35,
-                                     "train_fraction": 0.05, "limit_train_batches": 20, "samples": 3},
-                        "runs": {"ptb-ngram": {"enabled": False},
-                                 "ptb-lstm": {"tie_weights": False, "dropout": 0.2, "bptt": 35, "max_epochs": 1}}}}
+LM_ONLY = {
+    "download": {"corpora": ["ptb"]},
+    "prepare": {"corpora": ["ptb"]},
+    "train_lm": {
+        "defaults": {
+            "embedding_size": 32,
+            "hidden_size": 32,
+            "batch_size": 20,
+            "bptt": 35,
+            "train_fraction": 0.05,
+            "limit_train_batches": 20,
+            "samples": 3,
+        },
+        "runs": {
+            "ptb-ngram": {"enabled": False},
+            "ptb-lstm": {"tie_weights": False, "dropout": 0.2, "bptt": 35, "max_epochs": 1},
+        },
+    },
+}
 
 
 def edit_profile(repo: Path, overlay: dict, profile: str = "tiny") -> None:
@@ -146,9 +172,22 @@ def prepared_copy(dst: Path) -> Path:
 def train_cmd(out: Path, params: str = "params.yaml", run_name: str = "ptb-lstm") -> list[str]:
     """The train_lm stage script for one run, writing to ``out`` instead of the DVC outputs
     (metrics: ``out/<run>.json``)."""
-    return [sys.executable, "pipeline/train_lm.py", "--params", params, "--run", run_name, "--prepared",
-            "data/prepared", "--models", str(out / "models"), "--metrics", str(out / f"{run_name}.json"),
-            "--plots", str(out / "plots" / f"{run_name}.json")]
+    return [
+        sys.executable,
+        "pipeline/train_lm.py",
+        "--params",
+        params,
+        "--run",
+        run_name,
+        "--prepared",
+        "data/prepared",
+        "--models",
+        str(out / "models"),
+        "--metrics",
+        str(out / f"{run_name}.json"),
+        "--plots",
+        str(out / "plots" / f"{run_name}.json"),
+    ]
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.02):

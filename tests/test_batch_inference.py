@@ -60,8 +60,16 @@ def translator(tmp_path_factory, mirror) -> Path:
     # the end-of-training test scoring: greedy only (a copy: the defaults dict is test_seq2seq_stage's own)
     params["train_seq2seq"]["defaults"] = {**params["train_seq2seq"]["defaults"], "beam_sizes": [1]}
     threads = torch.get_num_threads()
-    train_stage(params, "train_seq2seq", "multi30k-attention", StagePaths(prepared=prepared), root / "models",
-                root / "metrics.json", root / "plots.json", root / "checkpoints")
+    train_stage(
+        params,
+        "train_seq2seq",
+        "multi30k-attention",
+        StagePaths(prepared=prepared),
+        root / "models",
+        root / "metrics.json",
+        root / "plots.json",
+        root / "checkpoints",
+    )
     torch.set_num_threads(threads)
     return root / "models" / "multi30k-attention"
 
@@ -84,9 +92,16 @@ def captioner(tmp_path_factory, mirror) -> Path:
     params["train_captioner"]["runs"] = {"flickr8k-soft_attention": {"decoder": "soft_attention"}}
     threads = torch.get_num_threads()
     features_stage(params, root / "prepared", mirror, root / "features", root / "features.json")
-    train_stage(params, "train_captioner", "flickr8k-soft_attention",
-                StagePaths(prepared=root / "prepared", features=root / "features", raw=mirror), root / "models",
-                root / "metrics.json", root / "plots.json", root / "checkpoints")
+    train_stage(
+        params,
+        "train_captioner",
+        "flickr8k-soft_attention",
+        StagePaths(prepared=root / "prepared", features=root / "features", raw=mirror),
+        root / "models",
+        root / "metrics.json",
+        root / "plots.json",
+        root / "checkpoints",
+    )
     torch.set_num_threads(threads)
     return root / "models" / "flickr8k-soft_attention"
 
@@ -108,8 +123,22 @@ def english(mirror, tmp_path) -> tuple[Path, list[str]]:
 def test_translate_file_is_line_aligned_and_equals_one_by_one(translator, english, tmp_path, capsys):
     source, lines = english
     out = tmp_path / "test.de"
-    code, stdout, stderr = run_cli(["translate", "--input", str(source), "--output", str(out), "--beam", "2",
-                                    "--batch-size", "8", "--run", str(translator)], capsys)
+    code, stdout, stderr = run_cli(
+        [
+            "translate",
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+            "--beam",
+            "2",
+            "--batch-size",
+            "8",
+            "--run",
+            str(translator),
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     assert stdout == ""
     hyps = out.read_text(encoding="utf-8").split("\n")
@@ -138,15 +167,17 @@ def test_translate_file_to_stdout_and_library_counts(translator, english, capsys
 def test_translate_cli_errors_exit_2(translator, english, tmp_path, capsys):
     source, _ = english
     run = ["--run", str(translator)]
-    code, _, err = run_cli(["translate", "--input", str(tmp_path / "nope.en"), "--output", str(tmp_path / "o")] + run,
-                           capsys)
+    code, _, err = run_cli(
+        ["translate", "--input", str(tmp_path / "nope.en"), "--output", str(tmp_path / "o")] + run, capsys
+    )
     assert code == 2 and f"{tmp_path / 'nope.en'}: input file not found" in err
     assert not (tmp_path / "o").exists()
     for beam in ("0", "11"):
         code, _, err = run_cli(["translate", "--input", str(source), "--beam", beam] + run, capsys)
         assert code == 2 and f"--beam: expected an integer in 1..10, got {beam}" in err
-    code, _, err = run_cli(["translate", "--input", str(source), "--output", str(tmp_path / "no" / "dir" / "o.de")]
-                           + run, capsys)
+    code, _, err = run_cli(
+        ["translate", "--input", str(source), "--output", str(tmp_path / "no" / "dir" / "o.de")] + run, capsys
+    )
     assert code == 2 and "the output folder" in err and "does not exist" in err
     code, _, err = run_cli(["translate", "--input", str(tmp_path), "--output", str(tmp_path / "o")] + run, capsys)
     assert code == 2 and "not a regular file" in err
@@ -169,7 +200,7 @@ def photos(mirror, tmp_path) -> tuple[Path, list[str]]:
     """Five real Flickr8k images, a truncated JPEG, a text file named .jpg and a notes.txt."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    sources = sorted((mirror / "flickr8k" / "images").glob("*.jpg"))[:N_IMAGES + 1]
+    sources = sorted((mirror / "flickr8k" / "images").glob("*.jpg"))[: N_IMAGES + 1]
     for src in sources[:N_IMAGES]:
         shutil.copyfile(src, folder / src.name)
     data = sources[N_IMAGES].read_bytes()
@@ -190,8 +221,9 @@ def test_caption_folder_one_json_line_per_good_image(captioner, photos, tmp_path
 
     monkeypatch.setattr(captioning.ImageCaptioner, "caption", spy)
     out = tmp_path / "captions.jsonl"
-    code, stdout, stderr = run_cli(["caption", str(folder), "--out", str(out), "--beam", "3", "--batch-size", "2",
-                                    "--run", str(captioner)], capsys)
+    code, stdout, stderr = run_cli(
+        ["caption", str(folder), "--out", str(out), "--beam", "3", "--batch-size", "2", "--run", str(captioner)], capsys
+    )
     assert code == 0, stderr
     assert stdout == ""
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -207,8 +239,9 @@ def test_caption_folder_one_json_line_per_good_image(captioner, photos, tmp_path
     assert f"{N_IMAGES} image(s) captioned, 2 bad image(s) skipped, 1 other file(s) skipped" in stderr
     assert "images/s" in stderr
     # `rnnlab caption IMAGE` still prints one caption, the same one
-    code, stdout, _ = run_cli(["caption", str(folder / rows[0]["image"]), "--beam", "3", "--run", str(captioner)],
-                              capsys)
+    code, stdout, _ = run_cli(
+        ["caption", str(folder / rows[0]["image"]), "--beam", "3", "--run", str(captioner)], capsys
+    )
     assert code == 0 and stdout == rows[0]["caption"] + "\n"
 
 

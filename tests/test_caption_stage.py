@@ -25,11 +25,26 @@ from rnnlab.tasks import captioning
 from rnnlab.tasks.base import StagePaths
 
 LIMIT = 8  # images per split
-TINY_FEATURES = {"encoder": "efficientnet_lite0", "batch_size": 8, "num_workers": 0, "on_bad_image": "drop",
-                 "limit_images": LIMIT}
-TINY_DEFAULTS = {"embedding_size": 16, "hidden_size": 32, "attention_size": 16, "batch_size": 4, "max_epochs": 2,
-                 "min_freq": 1, "max_len": 12, "lr": 3e-3, "beam_sizes": [1, 3], "grid_images": 2,
-                 "eval_batch_size": 8}
+TINY_FEATURES = {
+    "encoder": "efficientnet_lite0",
+    "batch_size": 8,
+    "num_workers": 0,
+    "on_bad_image": "drop",
+    "limit_images": LIMIT,
+}
+TINY_DEFAULTS = {
+    "embedding_size": 16,
+    "hidden_size": 32,
+    "attention_size": 16,
+    "batch_size": 4,
+    "max_epochs": 2,
+    "min_freq": 1,
+    "max_len": 12,
+    "lr": 3e-3,
+    "beam_sizes": [1, 3],
+    "grid_images": 2,
+    "eval_batch_size": 8,
+}
 
 
 RUNS = ("flickr8k-show_tell", "flickr8k-soft_attention")
@@ -44,8 +59,10 @@ def tiny_params(**features) -> dict:
         "train_captioner": {
             "experiment": "rnnlab-captioner-test",
             "defaults": TINY_DEFAULTS,
-            "runs": {"flickr8k-show_tell": {"decoder": "show_tell"},
-                     "flickr8k-soft_attention": {"decoder": "soft_attention"}},
+            "runs": {
+                "flickr8k-show_tell": {"decoder": "show_tell"},
+                "flickr8k-soft_attention": {"decoder": "soft_attention"},
+            },
         },
     }
 
@@ -73,10 +90,19 @@ def pipeline(tmp_path_factory, prepared, mirror):
     params = tiny_params()
     feats = features_stage(params, prepared, mirror, root / "features", root / "metrics" / "features.json")
     paths = StagePaths(prepared=prepared, features=root / "features", raw=mirror)
-    table = {name: train_stage(params, "train_captioner", name, paths, root / "models",
-                               root / "metrics" / "train_captioner" / f"{name}.json",
-                               root / "plots" / "train_captioner" / f"{name}.json", root / "checkpoints")
-             for name in RUNS}
+    table = {
+        name: train_stage(
+            params,
+            "train_captioner",
+            name,
+            paths,
+            root / "models",
+            root / "metrics" / "train_captioner" / f"{name}.json",
+            root / "plots" / "train_captioner" / f"{name}.json",
+            root / "checkpoints",
+        )
+        for name in RUNS
+    }
     yield root, feats, table
     mp.undo()
 
@@ -105,8 +131,13 @@ def test_train_captioner_stage_writes_models_metrics_and_plots(pipeline):
         assert row["epochs"] == 2 and row["wall_seconds"] > 0 and row["captions_per_s"]["beam3"] > 0
         assert len(row["mlflow_run_id"]) == 32
         folder = Path(row["model_path"])
-        assert {p.name for p in folder.iterdir()} >= {"model.ckpt", "vocab.json", "run.json", "samples.png",
-                                                      "metrics.json"}
+        assert {p.name for p in folder.iterdir()} >= {
+            "model.ckpt",
+            "vocab.json",
+            "run.json",
+            "samples.png",
+            "metrics.json",
+        }
         details = read_json(folder / "metrics.json")
         best = round(min(h["val/loss"] for h in details["history"]), 5)
         assert details["best_val_loss"] == row["best_val_loss"] == best
@@ -114,9 +145,12 @@ def test_train_captioner_stage_writes_models_metrics_and_plots(pipeline):
     assert (Path(table["flickr8k-soft_attention"]["model_path"]) / "attention.png").stat().st_size > 10_000
     assert not (Path(table["flickr8k-show_tell"]["model_path"]) / "attention.png").exists()
     plot = [r for name in RUNS for r in read_json(root / "plots" / "train_captioner" / f"{name}.json")]
-    assert sorted((r["run"], r["beam"]) for r in plot) == [("flickr8k-show_tell", 1), ("flickr8k-show_tell", 3),
-                                                            ("flickr8k-soft_attention", 1),
-                                                            ("flickr8k-soft_attention", 3)]
+    assert sorted((r["run"], r["beam"]) for r in plot) == [
+        ("flickr8k-show_tell", 1),
+        ("flickr8k-show_tell", 3),
+        ("flickr8k-soft_attention", 1),
+        ("flickr8k-soft_attention", 3),
+    ]
 
     from mlflow.tracking import MlflowClient
 
@@ -128,14 +162,16 @@ def test_train_captioner_stage_writes_models_metrics_and_plots(pipeline):
     assert artifacts == {"figures/samples.png", "figures/attention.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.ckpt"}
     assert run.data.metrics["final/best_val_loss"] == table["flickr8k-soft_attention"]["best_val_loss"]
-    assert next(r for r in plot if r["run"] == "flickr8k-soft_attention" and r["beam"] == 3)["sacrebleu"] == \
-        table["flickr8k-soft_attention"]["sacrebleu"]["beam3"]
+    assert (
+        next(r for r in plot if r["run"] == "flickr8k-soft_attention" and r["beam"] == 3)["sacrebleu"]
+        == table["flickr8k-soft_attention"]["sacrebleu"]["beam3"]
+    )
 
 
 def test_score_reproduces_the_training_numbers(pipeline, prepared, mirror):
     root, _, table = pipeline
     paths = StagePaths(prepared=prepared, features=root / "features", raw=mirror)
-    for name, row in table.items():
+    for row in table.values():
         again = captioning.score(Path(row["model_path"]), paths, beam_sizes=(1, 3))
         for setting in ("greedy", "beam3"):
             assert {k: again[setting][k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")} == row["bleu"][setting]
@@ -193,8 +229,9 @@ def test_bad_images_are_reported_counted_and_dropped(corrupt_raw, prepared, tmp_
 def test_bad_images_fail_the_stage_when_asked(corrupt_raw, prepared, tmp_path):
     raw, truncated, text = corrupt_raw
     with pytest.raises(DataError) as exc:
-        features_stage(tiny_params(on_bad_image="fail"), prepared, raw, tmp_path / "features",
-                       tmp_path / "features.json")
+        features_stage(
+            tiny_params(on_bad_image="fail"), prepared, raw, tmp_path / "features", tmp_path / "features.json"
+        )
     assert truncated in str(exc.value) and text in str(exc.value) and "on_bad_image" in str(exc.value)
     assert not (tmp_path / "features" / "features.npy").exists()
     assert read_json(tmp_path / "features.json")["bad_images"] == 2

@@ -64,8 +64,9 @@ def subset(real_table) -> pd.DataFrame:
 def features(tmp_path_factory, flickr, subset):
     out = tmp_path_factory.mktemp("features")
     names = sorted(subset.image.unique())
-    summary = extract_features(flickr / "images", names, out / "features.npy", out / "features.json",
-                               batch_size=4, num_workers=0)
+    summary = extract_features(
+        flickr / "images", names, out / "features.npy", out / "features.json", batch_size=4, num_workers=0
+    )
     return out / "features.npy", out / "features.json", summary
 
 
@@ -216,15 +217,23 @@ def test_read_flickr8k_reports_a_missing_image(tmp_path, flickr):
     shutil.copy(flickr / "images" / "1000268201_693b08cb0e.jpg", raw / "images")
     (raw / "Flickr8k.token.txt").write_text(
         "1000268201_693b08cb0e.jpg#0\tA child in a pink dress .\n"
-        "1001773457_577c3a7d70.jpg#0\tA black dog and a spotted dog are fighting\n", encoding="utf-8")
-    for fname, image in [("Flickr_8k.trainImages.txt", "1000268201_693b08cb0e.jpg"),
-                         ("Flickr_8k.devImages.txt", "1001773457_577c3a7d70.jpg"),
-                         ("Flickr_8k.testImages.txt", "1001773457_577c3a7d70.jpg")]:
+        "1001773457_577c3a7d70.jpg#0\tA black dog and a spotted dog are fighting\n",
+        encoding="utf-8",
+    )
+    for fname, image in [
+        ("Flickr_8k.trainImages.txt", "1000268201_693b08cb0e.jpg"),
+        ("Flickr_8k.devImages.txt", "1001773457_577c3a7d70.jpg"),
+        ("Flickr_8k.testImages.txt", "1001773457_577c3a7d70.jpg"),
+    ]:
         (raw / fname).write_text(image + "\n", encoding="utf-8")
     table, problems = read_flickr8k(raw)
     assert list(table.image) == ["1000268201_693b08cb0e.jpg"]
-    assert problems == [("1001773457_577c3a7d70.jpg",
-                         f"Flickr8k.token.txt line 2: image 1001773457_577c3a7d70.jpg not found in {raw / 'images'}")]
+    assert problems == [
+        (
+            "1001773457_577c3a7d70.jpg",
+            f"Flickr8k.token.txt line 2: image 1001773457_577c3a7d70.jpg not found in {raw / 'images'}",
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +241,15 @@ def test_read_flickr8k_reports_a_missing_image(tmp_path, flickr):
 # ---------------------------------------------------------------------------------------------
 def _model(name: str, vocab_size: int = 30, feature_size: int = 16, seed: int = 0, dropout: float = 0.0):
     torch.manual_seed(seed)
-    return build_captioner(name, vocab_size=vocab_size, feature_size=feature_size, embedding_size=12,
-                           hidden_size=20, attention_size=10, dropout=dropout).eval()
+    return build_captioner(
+        name,
+        vocab_size=vocab_size,
+        feature_size=feature_size,
+        embedding_size=12,
+        hidden_size=20,
+        attention_size=10,
+        dropout=dropout,
+    ).eval()
 
 
 def _batch(lengths, vocab_size=30, seed=1):
@@ -276,8 +292,8 @@ def test_padded_batch_gives_each_caption_its_own_result(name):
     offset = 0
     for i in range(3):
         n = int((tokens[i] != 0).sum())
-        alone = model(features[i: i + 1], tokens[i: i + 1, :n])
-        torch.testing.assert_close(batched.logits[offset: offset + n], alone.logits, atol=1e-5, rtol=1e-5)
+        alone = model(features[i : i + 1], tokens[i : i + 1, :n])
+        torch.testing.assert_close(batched.logits[offset : offset + n], alone.logits, atol=1e-5, rtol=1e-5)
         offset += n
 
 
@@ -287,7 +303,7 @@ def _argmax_loop(model, features, max_len):
     for i in range(features.size(0)):
         prefix = [Vocab.bos_id]
         for _ in range(max_len):
-            out = model(features[i: i + 1], torch.tensor([prefix]))
+            out = model(features[i : i + 1], torch.tensor([prefix]))
             token = int(out.logits[-1].argmax())
             if token == Vocab.eos_id:
                 break
@@ -304,11 +320,13 @@ def test_adapter_greedy_equals_argmax_loop_and_beam_1(name):
         features = torch.rand(5, 49, 16) * 3
         expected = _argmax_loop(model, features, max_len=7)
         stepper, state = incremental_decoder(model, features)
-        greedy = greedy_decode(stepper, state, batch_size=5, bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=7,
-                               return_attention=True)
+        greedy = greedy_decode(
+            stepper, state, batch_size=5, bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=7, return_attention=True
+        )
         stepper, state = incremental_decoder(model, features)
-        beam1 = beam_search(stepper, state, batch_size=5, bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, beam_size=1,
-                            max_len=7)
+        beam1 = beam_search(
+            stepper, state, batch_size=5, bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, beam_size=1, max_len=7
+        )
     assert greedy.tokens == expected
     assert beam1.tokens == expected
     assert any(len(t) < 7 for t in expected) and any(greedy.finished)
@@ -499,7 +517,9 @@ def test_evaluate_scores_known_captions_like_nltk(features, subset, flickr):
     names = [n for names, _ in dm.image_batches("test") for n in names]
     # An own caption with one word changed, and one cut by 2 words.
     hyps = [refs[names[0]][1][:2] + ["zebra"] + refs[names[0]][1][3:], refs[names[1]][3][:-2]]
-    assert max(len(r) for n in names for r in refs[n]) > 6 and any(w not in dm.vocab for n in names for r in refs[n] for w in r)
+    assert max(len(r) for n in names for r in refs[n]) > 6 and any(
+        w not in dm.vocab for n in names for r in refs[n] for w in r
+    )
 
     class Known:  # a decoder that says the known hypotheses
         hparams = type("H", (), {"decoder": "show_tell"})()
@@ -523,19 +543,40 @@ def _train(config: dict, subset: pd.DataFrame, features, root: Path, raw: Path) 
     prepared = root / "prepared"
     (prepared / "flickr8k").mkdir(parents=True, exist_ok=True)
     subset.to_parquet(prepared / "flickr8k" / "captions.parquet")
-    params = {"seed": 7, "tracking": {"enabled": False}, "trainer": {"num_threads": 1},
-              "train_captioner": {"defaults": {}, "runs": {"run": config}}}
-    row = train_stage(params, "train_captioner", "run",
-                      StagePaths(prepared=prepared, features=features_path.parent, raw=raw),
-                      root / "models", root / "metrics.json", root / "plots.json", root / "checkpoints")
+    params = {
+        "seed": 7,
+        "tracking": {"enabled": False},
+        "trainer": {"num_threads": 1},
+        "train_captioner": {"defaults": {}, "runs": {"run": config}},
+    }
+    row = train_stage(
+        params,
+        "train_captioner",
+        "run",
+        StagePaths(prepared=prepared, features=features_path.parent, raw=raw),
+        root / "models",
+        root / "metrics.json",
+        root / "plots.json",
+        root / "checkpoints",
+    )
     return row, read_json(root / "models" / "run" / "metrics.json")
 
 
 def test_train_captioner_tiny_run_and_checkpoint_roundtrip(features, subset, flickr, tmp_path):
     features_path, index_path, _ = features
-    config = {"decoder": "soft_attention", "embedding_size": 16, "hidden_size": 32, "attention_size": 16,
-              "batch_size": 2, "max_epochs": 2, "min_freq": 1, "max_len": 12, "beam_sizes": [1, 2],
-              "grid_images": 2, "lr": 3e-3}
+    config = {
+        "decoder": "soft_attention",
+        "embedding_size": 16,
+        "hidden_size": 32,
+        "attention_size": 16,
+        "batch_size": 2,
+        "max_epochs": 2,
+        "min_freq": 1,
+        "max_len": 12,
+        "beam_sizes": [1, 2],
+        "grid_images": 2,
+        "lr": 3e-3,
+    }
     row, metrics = _train(config, subset, features, tmp_path / "a", flickr.parent)
     assert metrics["epochs"] == row["epochs"] == 2 and metrics["steps"] == row["steps"] == 4
     assert set(metrics["test"]) == set(row["bleu"]) == {"greedy", "beam2"}
@@ -544,15 +585,18 @@ def test_train_captioner_tiny_run_and_checkpoint_roundtrip(features, subset, fli
     # Measured (2 test images, 4 steps): the captions are "a a a a dog dog ..." / "a a a": BLEU-1
     # 19.23 greedy, 25.91 beam 2, no matching bigram; sacreBLEU 2.31 / 3.42.
     assert {s: metrics["test"][s]["bleu1"] for s in ("greedy", "beam2")} == pytest.approx(
-        {"greedy": 19.2308, "beam2": 25.9072}, abs=0.01)
+        {"greedy": 19.2308, "beam2": 25.9072}, abs=0.01
+    )
     assert all(metrics["test"][s][f"bleu{n}"] == 0.0 for s in ("greedy", "beam2") for n in (2, 3, 4))
     assert {s: metrics["test"][s]["sacrebleu"] for s in ("greedy", "beam2")} == pytest.approx(
-        {"greedy": 2.3096, "beam2": 3.423}, abs=0.01)
+        {"greedy": 2.3096, "beam2": 3.423}, abs=0.01
+    )
     # Scored independently: nltk's corpus_bleu on the saved model's own captions of the test images
     # against their 5 captions read straight from Flickr8k.token.txt gives the reported BLEU-1..4.
     for setting, beam in (("greedy", 1), ("beam2", 2)):
-        assert nltk_bleu_of_saved_model(metrics["artifacts"]["model"], subset, features, flickr, beam) == \
-            pytest.approx({k: metrics["test"][setting][k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")}, abs=1e-3)
+        assert nltk_bleu_of_saved_model(metrics["artifacts"]["model"], subset, features, flickr, beam) == pytest.approx(
+            {k: metrics["test"][setting][k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")}, abs=1e-3
+        )
     assert metrics["best_val_loss"] == pytest.approx(min(h["val/loss"] for h in metrics["history"]), abs=1e-4)
     assert row["best_val_loss"] == metrics["best_val_loss"]
     for key in ("samples_png", "attention_png"):

@@ -30,8 +30,15 @@ SPLIT_SIZES = {"train": 16, "dev": 2, "test": 2}
 BATCH = 2  # images per batch: 8 steps per epoch
 EPOCHS = 2
 EVERY = 3  # trainer.checkpoint_every_n_steps: the first checkpoint is mid-epoch 1
-TIMING_KEYS = {"train_seconds", "eval_seconds", "wall_seconds", "stage_wall_s", "captions_per_s", "model_path",
-               "mlflow_run_id"}
+TIMING_KEYS = {
+    "train_seconds",
+    "eval_seconds",
+    "wall_seconds",
+    "stage_wall_s",
+    "captions_per_s",
+    "model_path",
+    "mlflow_run_id",
+}
 
 CHILD = """
 import json, logging, sys
@@ -58,8 +65,14 @@ def inputs(tmp_path_factory, mirror) -> dict:
     root = tmp_path_factory.mktemp("caption_resume")
     (root / "prepared" / "flickr8k").mkdir(parents=True)
     subset.to_parquet(root / "prepared" / "flickr8k" / "captions.parquet")
-    extract_features(mirror / "flickr8k" / "images", sorted(subset.image.unique()), root / "features" / "features.npy",
-                     root / "features" / "features.json", batch_size=8, num_workers=0)
+    extract_features(
+        mirror / "flickr8k" / "images",
+        sorted(subset.image.unique()),
+        root / "features" / "features.npy",
+        root / "features" / "features.json",
+        batch_size=8,
+        num_workers=0,
+    )
     return {"prepared": str(root / "prepared"), "features": str(root / "features"), "raw": str(mirror)}
 
 
@@ -69,22 +82,43 @@ def _args(inputs: dict, out: Path) -> dict:
         "tracking": {"enabled": True},  # the sqlite store in the run's folder (its cwd)
         "trainer": {"num_threads": 1, "checkpoint_every_n_steps": EVERY},
         "train_captioner": {
-            "defaults": {"embedding_size": 16, "hidden_size": 32, "attention_size": 16, "batch_size": BATCH,
-                         "eval_batch_size": 8, "max_epochs": EPOCHS, "min_freq": 1, "max_len": 12, "lr": 3e-3,
-                         "beam_sizes": [1, 3], "grid_images": 0},
+            "defaults": {
+                "embedding_size": 16,
+                "hidden_size": 32,
+                "attention_size": 16,
+                "batch_size": BATCH,
+                "eval_batch_size": 8,
+                "max_epochs": EPOCHS,
+                "min_freq": 1,
+                "max_len": 12,
+                "lr": 3e-3,
+                "beam_sizes": [1, 3],
+                "grid_images": 0,
+            },
             "runs": {RUN: {"decoder": "soft_attention"}},
         },
     }
-    return {"params": params, "run": RUN, "paths": inputs, "models": str(out / "models"),
-            "metrics": str(out / "metrics.json"), "plots": str(out / "plots.json"),
-            "checkpoints": str(out / "checkpoints")}
+    return {
+        "params": params,
+        "run": RUN,
+        "paths": inputs,
+        "models": str(out / "models"),
+        "metrics": str(out / "metrics.json"),
+        "plots": str(out / "plots.json"),
+        "checkpoints": str(out / "checkpoints"),
+    }
 
 
 def _start(args: dict, log: Path) -> subprocess.Popen:
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "OMP_NUM_THREADS": "1"}
     with log.open("w") as fh:
-        return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, cwd=log.parent)
+        return subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps(args)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=log.parent,
+        )
 
 
 from test_translation_resume import assert_one_mlflow_run_continued  # noqa: E402
@@ -125,9 +159,11 @@ def test_killed_mid_epoch_and_rerun_equals_an_uninterrupted_run(inputs, tmp_path
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     kill_step = _steps(resume_dir)[-1]  # the newest checkpoint: where the rerun continues
-    print(f"killed by SIGKILL; newest resume checkpoint: step {kill_step} "
-          f"(epoch {kill_step // steps_per_epoch + 1}, batch {kill_step % steps_per_epoch} of {steps_per_epoch}); "
-          f"checkpoints on disk: {_steps(resume_dir)}")
+    print(
+        f"killed by SIGKILL; newest resume checkpoint: step {kill_step} "
+        f"(epoch {kill_step // steps_per_epoch + 1}, batch {kill_step % steps_per_epoch} of {steps_per_epoch}); "
+        f"checkpoints on disk: {_steps(resume_dir)}"
+    )
     assert not Path(args["metrics"]).exists(), "killed before it wrote its outputs"
     assert 0 < kill_step < EPOCHS * steps_per_epoch and kill_step % steps_per_epoch != 0, "a mid-epoch checkpoint"
 
@@ -154,5 +190,7 @@ def test_killed_mid_epoch_and_rerun_equals_an_uninterrupted_run(inputs, tmp_path
     history = [read_json(out / "models" / RUN / "metrics.json")["history"] for out in (killed, clean)]
     for key in ("val/loss", "train/loss_epoch"):
         assert [h[key] for h in history[0]] == [h[key] for h in history[1]], key
-    print(f"resumed run == uninterrupted run: best_val_loss {expected['best_val_loss']}, "
-          f"BLEU {expected['bleu']}, sacreBLEU {expected['sacrebleu']}")
+    print(
+        f"resumed run == uninterrupted run: best_val_loss {expected['best_val_loss']}, "
+        f"BLEU {expected['bleu']}, sacreBLEU {expected['sacrebleu']}"
+    )

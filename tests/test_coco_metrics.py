@@ -46,8 +46,12 @@ def _java_children() -> list[psutil.Process]:
 def test_bleu_hand_computed():
     """hyp 'the cat sat on the mat' vs refs 'the cat is on the mat' / 'there is a cat on the mat':
     clipped matches 5/6 unigrams, 3/5 bigrams, 1/4 trigrams, 0/3 4-grams; closest ref length 6 -> BP 1."""
-    s = coco_caption_scores(["the cat sat on the mat"], [["the cat is on the mat", "there is a cat on the mat"]],
-                            meteor=False, tokenizer="none")
+    s = coco_caption_scores(
+        ["the cat sat on the mat"],
+        [["the cat is on the mat", "there is a cat on the mat"]],
+        meteor=False,
+        tokenizer="none",
+    )
     assert s["bleu1"] == pytest.approx(100 * 5 / 6, abs=1e-6)
     assert s["bleu2"] == pytest.approx(100 * math.sqrt(5 / 6 * 3 / 5), abs=1e-6)
     assert s["bleu3"] == pytest.approx(50.0, abs=1e-6)  # (5/6 * 3/5 * 1/4) ** (1/3) = 0.125 ** (1/3)
@@ -64,7 +68,7 @@ def test_bleu_brevity_penalty_hand_computed():
 def test_rouge_l_hand_computed():
     """LCS('a b c d', 'a c d e f') = 3: P = 3/4, R = 3/5, F_beta with beta = 1.2."""
     s = coco_caption_scores(["a b c d"], [["a c d e f"]], meteor=False, tokenizer="none")
-    p, r, b2 = 3 / 4, 3 / 5, 1.2 ** 2
+    p, r, b2 = 3 / 4, 3 / 5, 1.2**2
     assert s["rouge_l"] == pytest.approx(100 * (1 + b2) * p * r / (r + b2 * p), abs=1e-9)
 
 
@@ -73,8 +77,9 @@ def test_cider_d_hand_computed():
     Image B is an exact match: 10. Image A's hypothesis is the first 4 of its reference's 8 words:
     clipped cosine sqrt((5-n)/(9-n)) for n = 1..4, length penalty exp(-(3-7)^2 / (2 * 6^2)) on
     bigram counts, times 10. Corpus CIDEr-D = mean over images, then x100 for our scale."""
-    s = coco_caption_scores(["a b c d", "p q r s t"], [["a b c d e f g h"], ["p q r s t"]],
-                            meteor=False, tokenizer="none")
+    s = coco_caption_scores(
+        ["a b c d", "p q r s t"], [["a b c d e f g h"], ["p q r s t"]], meteor=False, tokenizer="none"
+    )
     image_a = 10 * sum(math.sqrt((5 - n) / (9 - n)) for n in range(1, 5)) / 4 * math.exp(-16 / 72)
     assert s["cider_d"] == pytest.approx(100 * (image_a + 10) / 2, abs=1e-6)
     # idf comes from the references of the call itself: a lone image has idf 0 everywhere
@@ -107,8 +112,9 @@ def test_bleu_equals_nltk_corpus_bleu(mirror):
     assert min(len(h.split()) for h in hyps) >= 4
     s = coco_caption_scores(hyps, refs, meteor=False, tokenizer="none")
     for n in range(1, 5):
-        expected = corpus_bleu([[r.split() for r in rs] for rs in refs], [h.split() for h in hyps],
-                               weights=(1 / n,) * n)
+        expected = corpus_bleu(
+            [[r.split() for r in rs] for rs in refs], [h.split() for h in hyps], weights=(1 / n,) * n
+        )
         assert s[f"bleu{n}"] == pytest.approx(100 * expected, rel=1e-6), n
 
 
@@ -246,8 +252,12 @@ def test_equals_toolkit_pipeline_on_flickr8k(mirror, flickr_scores):
     finally:
         meteor.meteor_p.stdin.close()
         meteor.meteor_p.wait(timeout=30)
-    expected = {**{f"bleu{n}": b for n, b in enumerate(bleu, 1)}, "meteor": met,
-                "rouge_l": Rouge().compute_score(gts, res)[0], "cider_d": Cider().compute_score(gts, res)[0]}
+    expected = {
+        **{f"bleu{n}": b for n, b in enumerate(bleu, 1)},
+        "meteor": met,
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+        "cider_d": Cider().compute_score(gts, res)[0],
+    }
     for m in METRICS:
         assert flickr_scores[m] == pytest.approx(100 * expected[m], abs=1e-9), m
 
@@ -267,6 +277,13 @@ def test_flickr8k_true_references_beat_shuffled(mirror, flickr_scores):
 def test_flickr8k_frozen_values(flickr_scores):
     """Human caption #0 vs #1..4 on the first 100 test images, pycocoevalcap 1.2 (a change here
     means the toolkit, its jars or our plumbing changed the numbers)."""
-    expected = {"bleu1": 61.6889, "bleu2": 42.4206, "bleu3": 28.1776, "bleu4": 18.9943,
-                "meteor": 23.7209, "rouge_l": 46.3433, "cider_d": 76.9761}
+    expected = {
+        "bleu1": 61.6889,
+        "bleu2": 42.4206,
+        "bleu3": 28.1776,
+        "bleu4": 18.9943,
+        "meteor": 23.7209,
+        "rouge_l": 46.3433,
+        "cider_d": 76.9761,
+    }
     assert flickr_scores == pytest.approx(expected, abs=1e-3)

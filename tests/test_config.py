@@ -90,8 +90,11 @@ def test_profiles_are_selected_by_one_key(tmp_path):
 
 def test_profile_errors_name_the_file_and_key(tmp_path):
     path = _profile_copy(tmp_path, "gpu")
-    with pytest.raises(ConfigError, match=r"profile: 'gpu' has no file .*profiles/gpu.yaml; known profiles: "
-                                          r"\['cpu', 'full', 'tiny'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"profile: 'gpu' has no file .*profiles/gpu.yaml; known profiles: "
+        r"\['cpu', 'full', 'tiny'\]",
+    ):
         load_params(path)
     path = _profile_copy(tmp_path, "tiny")
     (tmp_path / "profiles" / "tiny.yaml").write_text("train_lm:\n  runs:\n    ptb-new: {corpus: ptb, model: gru}\n")

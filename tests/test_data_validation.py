@@ -59,7 +59,9 @@ def test_parallel_schema_rejects_empty_target_with_file_and_line(tmp_path, mirro
     with gzip.open(raw / "raw/test_2016_flickr.de.gz", "wt", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     table = readers.read_parallel_corpus(raw)
-    with pytest.raises(DataError, match=r"test_2016_flickr.en\|de.gz line 42: column 'tgt' failed 'target sentence is empty'"):
+    with pytest.raises(
+        DataError, match=r"test_2016_flickr.en\|de.gz line 42: column 'tgt' failed 'target sentence is empty'"
+    ):
         schemas.validate(table, schemas.PARALLEL_PAIRS, "multi30k pairs")
 
 
@@ -73,8 +75,16 @@ def test_lm_schema_rejects_unknown_split_and_bad_line():
 
 def test_caption_schema_requires_existing_image(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
-    df = pd.DataFrame({"split": ["train", "train"], "file": ["tok.txt"] * 2, "line": [3, 4],
-                       "image": ["a.jpg", "missing.jpg"], "caption_index": [0, 1], "caption": ["a dog", "a cat"]})
+    df = pd.DataFrame(
+        {
+            "split": ["train", "train"],
+            "file": ["tok.txt"] * 2,
+            "line": [3, 4],
+            "image": ["a.jpg", "missing.jpg"],
+            "caption_index": [0, 1],
+            "caption": ["a dog", "a cat"],
+        }
+    )
     with pytest.raises(DataError, match=r"tok.txt line 4: column 'image' failed 'image file missing"):
         schemas.validate(df, schemas.caption_schema(tmp_path), "captions")
 

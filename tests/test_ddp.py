@@ -24,16 +24,18 @@ import signal
 import numpy as np
 import pytest
 import torch
-
 from pipeline_repo import edit_profile, prepared_copy, run, start, step_checkpoints, train_cmd, wait_for
+
 from rnnlab.data.lm_data import batchify
 
 pytestmark = pytest.mark.slow
 
 
 def _profile(strategy: dict) -> dict:
-    return {"trainer": {"accelerator": "cpu", **strategy},
-            "train_lm": {"defaults": {"batch_size": 16}, "runs": {"ptb-lstm": {"dropout": 0.0}}}}
+    return {
+        "trainer": {"accelerator": "cpu", **strategy},
+        "train_lm": {"defaults": {"batch_size": 16}, "runs": {"ptb-lstm": {"dropout": 0.0}}},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,9 @@ def test_each_rank_trains_on_its_own_block_of_columns(runs):
     ids = np.load(repo / "data/prepared/ptb/train.npy")
     ids = ids[: max(int(len(ids) * 0.05), 16 * (35 + 1))]  # train_fraction 0.05, as the data module cuts it
     batched = batchify(ids, 16)  # [n_steps, 16], exactly as one process lays it out
-    expected = {str(r): hashlib.md5(batched[:, 8 * r : 8 * r + 8].contiguous().numpy().tobytes()).hexdigest()
-                for r in (0, 1)}
+    expected = {
+        str(r): hashlib.md5(batched[:, 8 * r : 8 * r + 8].contiguous().numpy().tobytes()).hexdigest() for r in (0, 1)
+    }
     assert logged == expected and logged["0"] != logged["1"]
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in ddp.stderr
     assert "distributed_backend=gloo" in ddp.stdout + ddp.stderr
@@ -77,8 +80,9 @@ def test_only_rank_zero_tracks_and_writes(runs):
     assert "rank 1: trained and evaluated its shard; rank 0 writes the outputs" in ddp.stderr
     assert len(re.findall(r"INFO rnnlab.stages.train: train_lm@ptb-lstm: \{", ddp.stderr)) == 1  # the writer's line
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    runs_ = client.search_runs([client.get_experiment_by_name("rnnlab-lm").experiment_id],
-                               order_by=["attributes.start_time ASC"])
+    runs_ = client.search_runs(
+        [client.get_experiment_by_name("rnnlab-lm").experiment_id], order_by=["attributes.start_time ASC"]
+    )
     assert len(runs_) == 2  # one for the DDP stage (not one per rank), one for the single-process run
     tracked = runs_[0]
     assert tracked.info.run_id == _row(base, "ddp")["mlflow_run_id"] and tracked.info.status == "FINISHED"
@@ -97,7 +101,8 @@ def test_ddp_matches_single_process_with_the_same_global_batch(runs):
     hist = [json.loads((base / n / "models/ptb-lstm/history.json").read_text())[0] for n in ("ddp", "single")]
     assert hist[0]["train/loss_epoch"] == pytest.approx(hist[1]["train/loss_epoch"], rel=1e-5)
     assert hist[0]["val/tokens"] == hist[1]["val/tokens"] == 73750  # the shards cover the whole split once
-    weights = [torch.load(base / n / "models/ptb-lstm/model.ckpt", weights_only=True)["state_dict"]
-               for n in ("ddp", "single")]
+    weights = [
+        torch.load(base / n / "models/ptb-lstm/model.ckpt", weights_only=True)["state_dict"] for n in ("ddp", "single")
+    ]
     for key in weights[0]:
         assert torch.allclose(weights[0][key], weights[1][key], rtol=0, atol=1e-4), key

@@ -103,8 +103,9 @@ def test_beam_size_one_is_exactly_greedy(length_penalty):
     decoder = ContextDecoder(vocab=9, seed=3, eos_bias=2.0)
     state = decoder.initial_state(16, seed=4)
     greedy = greedy_decode(decoder, state, 16, BOS, EOS, max_len=8, return_attention=True)
-    beam = beam_search(decoder, state, 16, BOS, EOS, beam_size=1, max_len=8,
-                       length_penalty=length_penalty, return_attention=True)
+    beam = beam_search(
+        decoder, state, 16, BOS, EOS, beam_size=1, max_len=8, length_penalty=length_penalty, return_attention=True
+    )
     assert beam.tokens == greedy.tokens
     assert beam.scores == greedy.scores  # same float operations, so bit-identical
     assert beam.finished == greedy.finished
@@ -193,8 +194,9 @@ def test_result_does_not_depend_on_the_rest_of_the_batch(beam_size):
         assert alone.scores[0] == pytest.approx(batched.scores[row], abs=1e-5)
     # and a different neighbour order (reversed batch) gives the same rows too
     reversed_state = decoder.reorder_state(state, torch.arange(5, -1, -1))
-    reversed_result = beam_search(decoder, reversed_state, 6, BOS, EOS, beam_size=beam_size, max_len=10,
-                                  length_penalty=0.6)
+    reversed_result = beam_search(
+        decoder, reversed_state, 6, BOS, EOS, beam_size=beam_size, max_len=10, length_penalty=0.6
+    )
     assert reversed_result.tokens[::-1] == batched.tokens
 
 

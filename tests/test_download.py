@@ -113,10 +113,14 @@ def test_archive_extraction_of_wanted_members(tmp_path):
         zf.writestr("wikitext-2/wiki.train.tokens", "a b c\n")
         zf.writestr("imgs/a.jpg", "x")
         zf.writestr("imgs/b.jpg", "y")
-    written = safe_extract(zpath, "zip", {"wikitext-2/wiki.train.tokens": "wiki.train.tokens", "imgs/": "images/"},
-                           tmp_path / "out")
+    written = safe_extract(
+        zpath, "zip", {"wikitext-2/wiki.train.tokens": "wiki.train.tokens", "imgs/": "images/"}, tmp_path / "out"
+    )
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == [
-        "images/a.jpg", "images/b.jpg", "wiki.train.tokens"]
+        "images/a.jpg",
+        "images/b.jpg",
+        "wiki.train.tokens",
+    ]
 
 
 def test_corrupt_archive_is_a_clear_error(tmp_path):

@@ -24,8 +24,10 @@ def test_table_reproduces_training(lm_store):  # noqa: F811
     assert row["mlflow_run_id"] == trained["mlflow_run_id"]
     assert row["registered_model"] == "rnnlab-lm-ptb-lstm/1"
     assert row["tokens"] == 82420  # PTB test: 82,430 tokens incl. <eos>, minus the batchify remainder + shift
-    ngram, trained_ngram = table["lm"]["ptb"]["ngram"], json.loads(
-        (lm_store.root / "data/metrics/train_lm/ptb-ngram.json").read_text())
+    ngram, trained_ngram = (
+        table["lm"]["ptb"]["ngram"],
+        json.loads((lm_store.root / "data/metrics/train_lm/ptb-ngram.json").read_text()),
+    )
     assert ngram["test_ppl"] == pytest.approx(trained_ngram["test_ppl"], rel=1e-4)
     assert ngram["tokens"] == 82429 and "bptt" not in ngram  # every position of the stream but the first
     assert ngram["registered_model"] == "rnnlab-lm-ptb-ngram/1"

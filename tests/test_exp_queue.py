@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from local_server import local_service
 from pipeline_repo import VENV_BIN, prepared_copy, run
 
@@ -30,14 +29,35 @@ def test_two_workers_run_a_queued_sweep_into_one_tracking_server(tmp_path):
     from mlflow.tracking import MlflowClient
 
     repo = prepared_copy(tmp_path / "repo")
-    server_cmd = [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", "{port}",
-                  "--backend-store-uri", f"sqlite:///{tmp_path / 'store.db'}",
-                  "--artifacts-destination", str(tmp_path / "artifacts")]
+    server_cmd = [
+        f"{VENV_BIN}/mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'store.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "artifacts"),
+    ]
     with local_service(server_cmd, tmp_path / "server.log", "/health") as (uri, _):
         env = {"MLFLOW_TRACKING_URI": uri}
-        run(["dvc", "exp", "run", "--queue", "train_lm@ptb-lstm",
-             "-S", "++train_lm.runs.ptb-lstm.lr=" + ",".join(map(str, LRS)),  # ++: a key the run does not state
-             "-S", "++train_lm.runs.ptb-lstm.clip=" + ",".join(map(str, CLIPS))], repo, **env)
+        run(
+            [
+                "dvc",
+                "exp",
+                "run",
+                "--queue",
+                "train_lm@ptb-lstm",
+                "-S",
+                "++train_lm.runs.ptb-lstm.lr=" + ",".join(map(str, LRS)),  # ++: a key the run does not state
+                "-S",
+                "++train_lm.runs.ptb-lstm.clip=" + ",".join(map(str, CLIPS)),
+            ],
+            repo,
+            **env,
+        )
         run(["dvc", "queue", "start", "-j", "2"], repo, **env)
         deadline = time.monotonic() + 900
         while not _queue_idle(repo, env):  # synchronised on the queue's own status
@@ -73,5 +93,7 @@ def test_two_workers_run_a_queued_sweep_into_one_tracking_server(tmp_path):
         assert float(r.data.params["lr"]) == lr and float(r.data.params["clip"]) == clip
         assert r.data.metrics["final/val_ppl"] == pytest.approx(metrics["val_ppl"])
         assert r.info.run_id == metrics["mlflow_run_id"]
-    print(json.dumps({n: {"lr": lr, "clip": c, "val_ppl": m["val_ppl"]} for n, (lr, c, m) in experiments.items()}),
-          file=sys.stderr)
+    print(
+        json.dumps({n: {"lr": lr, "clip": c, "val_ppl": m["val_ppl"]} for n, (lr, c, m) in experiments.items()}),
+        file=sys.stderr,
+    )

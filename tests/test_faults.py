@@ -21,22 +21,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from pipeline_repo import REPO, RUN_DIR, edit_profile, prepared_copy, run, start, step_checkpoints, wait_for
+
 from rnnlab.errors import RnnlabError, TrainingError
 from rnnlab.io import OutputWriteError, copy_file, write_json, write_npy
 from rnnlab.resume import AtomicCheckpointIO, ResumeDir
 from rnnlab.tracking import MlflowTracker, scrub, tracked_run
 
-TINY = dict(model="lstm", embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, batch_size=16, bptt=20,
-            lr=20.0, train_fraction=0.05, limit_train_batches=30)
+TINY = dict(
+    model="lstm",
+    embedding_size=32,
+    hidden_size=32,
+    num_layers=1,
+    dropout=0.0,
+    batch_size=16,
+    bptt=20,
+    lr=20.0,
+    train_fraction=0.05,
+    limit_train_batches=30,
+)
 
 
 # -- NaN loss --------------------------------------------------------------------------------------
 def test_nan_loss_stops_training_and_marks_the_run_failed(prepared_ptb, tmp_path, monkeypatch):
+    from lm_helpers import lm_params
     from mlflow.tracking import MlflowClient
 
-    from lm_helpers import lm_params
     from rnnlab.models.lm import RecurrentLanguageModel
     from rnnlab.stages.train import train_stage
     from rnnlab.tasks.base import StagePaths
@@ -56,22 +66,35 @@ def test_nan_loss_stops_training_and_marks_the_run_failed(prepared_ptb, tmp_path
     params["tracking"] = {"enabled": True}
     params["train_lm"]["experiment"] = "faults"
     with pytest.raises(TrainingError, match=r"train loss is nan at step 6 \(epoch 0\)"):
-        train_stage(params, "train_lm", "tiny", StagePaths(prepared=prepared_ptb.parent), tmp_path / "out",
-                    tmp_path / "tiny.json", tmp_path / "tiny-plot.json", tmp_path / "checkpoints")
+        train_stage(
+            params,
+            "train_lm",
+            "tiny",
+            StagePaths(prepared=prepared_ptb.parent),
+            tmp_path / "out",
+            tmp_path / "tiny.json",
+            tmp_path / "tiny-plot.json",
+            tmp_path / "checkpoints",
+        )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (failed,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
     assert failed.info.status == "FAILED"
     assert "TrainingError: train loss is nan at step 6" in failed.data.tags["rnnlab.error"]
     # The last good checkpoint (step 6: the loss check runs before any NaN reaches the weights) stays.
-    resume = ResumeDir(tmp_path / "checkpoints" / "train_lm" / "tiny",
-                       json.loads((tmp_path / "checkpoints/train_lm/tiny/state.json").read_text())["identity"])
+    resume = ResumeDir(
+        tmp_path / "checkpoints" / "train_lm" / "tiny",
+        json.loads((tmp_path / "checkpoints/train_lm/tiny/state.json").read_text())["identity"],
+    )
     assert resume.latest_checkpoint() == resume.step_path(6)
     weights = torch.load(resume.step_path(6), weights_only=True)["state_dict"]
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (tmp_path / "out" / "tiny" / "model.ckpt").exists() and not (tmp_path / "tiny.json").exists()
     # No absolute path of the machine in what was logged.
     assert sorted(k for k in failed.data.tags if k.startswith("data_md5.")) == [
-        "data_md5.ext/ptb/train.npy", "data_md5.ext/ptb/valid.npy", "data_md5.ext/ptb/vocab.json"]
+        "data_md5.ext/ptb/train.npy",
+        "data_md5.ext/ptb/valid.npy",
+        "data_md5.ext/ptb/vocab.json",
+    ]
     assert not [v for v in failed.data.params.values() if v.startswith("/")]
     assert failed.data.tags["dvc_stage"] == "train_lm@tiny"
 
@@ -112,8 +135,11 @@ def full_disk(monkeypatch):
 
 def test_disk_full_leaves_no_half_written_output(tmp_path, full_disk):
     target = tmp_path / "metrics" / "train_lm.json"
-    with pytest.raises(OutputWriteError, match=r"train_lm.json: could not write \(no space left on device\); "
-                                               r"nothing was written at this path"):
+    with pytest.raises(
+        OutputWriteError,
+        match=r"train_lm.json: could not write \(no space left on device\); "
+        r"nothing was written at this path",
+    ):
         write_json(target, {"ptb": {"lstm": {"val_ppl": 1.0, "pad": "x" * 500}}})
     assert not target.exists()
     old = tmp_path / "prepared" / "train.npy"
@@ -158,7 +184,9 @@ def test_second_dvc_repro_fails_clearly_on_the_lock_and_corrupts_nothing(tmp_pat
     wait_for(lambda: step_checkpoints(repo), 300, "train_lm to be training", first)
     second = run(["dvc", "repro"], repo, check=False)
     assert second.returncode != 0
-    assert re.search(r"is busy, it is being blocked by:\s+\(PID \d+\): .*dvc repro train_lm@ptb-lstm", second.stderr), second.stderr
+    assert re.search(r"is busy, it is being blocked by:\s+\(PID \d+\): .*dvc repro train_lm@ptb-lstm", second.stderr), (
+        second.stderr
+    )
     assert first.poll() is None  # the first one was left alone ...
     os.killpg(first.pid, signal.SIGINT)  # ... until stopped the way a user would, to save time here
     out, err = first.communicate(timeout=300)
@@ -241,6 +269,7 @@ def test_run_ending_during_an_outage_arrives_when_the_server_is_back(caplog, mon
     handler = Watch()
     logging.getLogger("rnnlab.tracking").addHandler(handler)
     try:
+
         def back_up():
             assert waiting.wait(20)
             client.down = False
@@ -281,10 +310,18 @@ def test_tracker_queues_while_the_server_is_away_and_resends_in_order(caplog, mo
 
 
 def test_scrub_keeps_paths_inside_the_repo_relative_and_reduces_others(tmp_path):
-    params = {"out": str(tmp_path / "data" / "models"), "ext": "/home/someone/corpora/ptb", "n": 3,
-              "list": [str(tmp_path / "a.txt"), "relative/b.txt"]}
-    assert scrub(params, tmp_path) == {"out": "data/models", "ext": "<abs>/ptb", "n": 3,
-                                       "list": ["a.txt", "relative/b.txt"]}
+    params = {
+        "out": str(tmp_path / "data" / "models"),
+        "ext": "/home/someone/corpora/ptb",
+        "n": 3,
+        "list": [str(tmp_path / "a.txt"), "relative/b.txt"],
+    }
+    assert scrub(params, tmp_path) == {
+        "out": "data/models",
+        "ext": "<abs>/ptb",
+        "n": 3,
+        "list": ["a.txt", "relative/b.txt"],
+    }
 
 
 # -- security --------------------------------------------------------------------------------------
@@ -302,19 +339,32 @@ def test_every_checkpoint_load_is_weights_only():
             is_torch_load = func.attr == "load" and isinstance(func.value, ast.Name) and func.value.id == "torch"
             if not (is_torch_load or func.attr == "load_from_checkpoint"):
                 continue
-            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+            safe = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             if not safe:
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == [], f"checkpoint loads without weights_only=True: {offenders}"
 
 
 def test_services_bind_localhost_only():
-    texts = {p: p.read_text(encoding="utf-8") for p in [REPO / "Makefile", REPO / "README.md", *_python_files(),
-                                                         *(REPO / "tests").glob("*.py"),
-                                                         *(REPO / "scripts").glob("*")]}
-    commands = [(p, line) for p, text in texts.items() for line in text.splitlines()
-                if re.search(r"mlflow[\"',\s]+(ui|server)\b", line) and "--host" in line]
+    texts = {
+        p: p.read_text(encoding="utf-8")
+        for p in [
+            REPO / "Makefile",
+            REPO / "README.md",
+            *_python_files(),
+            *(REPO / "tests").glob("*.py"),
+            *(REPO / "scripts").glob("*"),
+        ]
+    }
+    commands = [
+        (p, line)
+        for p, text in texts.items()
+        for line in text.splitlines()
+        if re.search(r"mlflow[\"',\s]+(ui|server)\b", line) and "--host" in line
+    ]
     assert commands, "expected the mlflow ui/server command lines"
     for path, line in commands:
         assert re.search(r"--host[\"',\s=]+127\.0\.0\.1", line), f"{path.name}: {line.strip()}"
@@ -327,8 +377,11 @@ def test_readme_reliability_table_points_at_existing_tests():
     section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     refs = re.findall(r"`(test_\w+\.py)::(test_\w+)`", section)
     assert len(refs) >= 15
-    missing = [f"{f}::{t}" for f, t in refs
-               if not re.search(rf"^def {t}\(", (REPO / "tests" / f).read_text(encoding="utf-8"), re.M)]
+    missing = [
+        f"{f}::{t}"
+        for f, t in refs
+        if not re.search(rf"^def {t}\(", (REPO / "tests" / f).read_text(encoding="utf-8"), re.M)
+    ]
     assert missing == []
 
 

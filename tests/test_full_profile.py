@@ -8,22 +8,38 @@ import json
 
 import pytest
 import yaml
-
 from pipeline_repo import copy_repo, edit_params, edit_profile, git_repo, run, tiny_params
+
 from rnnlab.config import load_params
 
 # Tiny limits only: every size, optimizer and schedule stays the full profile's own.
-LIMITS_LM = {"train_fraction": 0.002, "eval_fraction": 0.005, "limit_train_batches": 2, "max_epochs": 1,
-             "samples": 1}
+LIMITS_LM = {"train_fraction": 0.002, "eval_fraction": 0.005, "limit_train_batches": 2, "max_epochs": 1, "samples": 1}
 SMOKE = {
     "trainer": {"num_threads": 1, "checkpoint_every_n_steps": 0},
     "train_lm": {"defaults": LIMITS_LM},
-    "study": {"gradient_flow": {"window": 12, "report_lag": 10, "batch_size": 4, "num_windows": 1, "train_steps": 5,
-                                "train_batch_size": 8, "bptt": 10},
-              "long_lag": {"lags": [2, 5], "steps": 10, "hidden_size": 8},
-              "clipping": {"steps": 5, "hidden_size": 16, "batch_size": 8, "bptt": 10}},
-    "train_seq2seq": {"defaults": {"max_train_pairs": 256, "max_val_pairs": 16, "max_test_pairs": 16,
-                                   "limit_train_batches": 2, "max_epochs": 1, "heatmaps": 1}},
+    "study": {
+        "gradient_flow": {
+            "window": 12,
+            "report_lag": 10,
+            "batch_size": 4,
+            "num_windows": 1,
+            "train_steps": 5,
+            "train_batch_size": 8,
+            "bptt": 10,
+        },
+        "long_lag": {"lags": [2, 5], "steps": 10, "hidden_size": 8},
+        "clipping": {"steps": 5, "hidden_size": 16, "batch_size": 8, "bptt": 10},
+    },
+    "train_seq2seq": {
+        "defaults": {
+            "max_train_pairs": 256,
+            "max_val_pairs": 16,
+            "max_test_pairs": 16,
+            "limit_train_batches": 2,
+            "max_epochs": 1,
+            "heatmaps": 1,
+        }
+    },
     "features": {"limit_images": 4, "num_workers": 0},
     "train_captioner": {"defaults": {"limit_train_batches": 2, "max_epochs": 1, "grid_images": 1}},
     "evaluate": {"limit_test": 2000, "sample_tokens": 5},
@@ -39,12 +55,18 @@ def full_repro(tmp_path_factory):
     edit_params(repo, lambda p: p.update(profile="full", tracking={"enabled": False}))
     full = yaml.safe_load((repo / "profiles" / "full.yaml").read_text())
     # the runs of the full profile set their own epochs/batches: the limits go over each of them
-    smoke = {**SMOKE, "train_lm": {"defaults": LIMITS_LM,
-                                   "runs": {name: dict(LIMITS_LM) for name in full["train_lm"]["runs"]}},
-             "train_seq2seq": {**SMOKE["train_seq2seq"],
-                               "runs": {name: {"max_epochs": 1} for name in full["train_seq2seq"]["runs"]}},
-             "train_captioner": {**SMOKE["train_captioner"],
-                                 "runs": {name: {"max_epochs": 1} for name in full["train_captioner"]["runs"]}}}
+    smoke = {
+        **SMOKE,
+        "train_lm": {"defaults": LIMITS_LM, "runs": {name: dict(LIMITS_LM) for name in full["train_lm"]["runs"]}},
+        "train_seq2seq": {
+            **SMOKE["train_seq2seq"],
+            "runs": {name: {"max_epochs": 1} for name in full["train_seq2seq"]["runs"]},
+        },
+        "train_captioner": {
+            **SMOKE["train_captioner"],
+            "runs": {name: {"max_epochs": 1} for name in full["train_captioner"]["runs"]},
+        },
+    }
     edit_profile(repo, smoke, profile="full")
     git_repo(repo)
     proc = run(["dvc", "repro"], repo, timeout=2400)

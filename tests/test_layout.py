@@ -83,8 +83,11 @@ def test_the_checker_finds_a_circle():
 
 def test_data_never_reaches_models():
     graph = import_graph()
-    offenders = {m: sorted(w for w in reachable(graph, m) if w.startswith("rnnlab.models"))
-                 for m in graph if m.startswith("rnnlab.data")}
+    offenders = {
+        m: sorted(w for w in reachable(graph, m) if w.startswith("rnnlab.models"))
+        for m in graph
+        if m.startswith("rnnlab.data")
+    }
     assert {m: w for m, w in offenders.items() if w} == {}
 
 

@@ -43,7 +43,9 @@ def _run_lm(model, tokens, targets, state):
 def test_elman_rnn_matches_torch_rnn_outputs_and_gradients():
     torch.manual_seed(0)
     seq, batch, emb, hidden, layers = 7, 3, 5, 6, 2
-    model = RecurrentLanguageModel(VOCAB, core="rnn", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
+    model = RecurrentLanguageModel(
+        VOCAB, core="rnn", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0
+    )
     ref_rnn = nn.RNN(emb, hidden, layers, nonlinearity="tanh")
     ref_emb = nn.Embedding(VOCAB, emb)
     with torch.no_grad():
@@ -88,8 +90,9 @@ def test_elman_rnn_uses_the_lecture_parameter_names_and_shapes():
         "decoder.bias": (VOCAB,),  # c
     }
     assert model.V.shape == (VOCAB, 6) and model.c.shape == (VOCAB,)
-    tied = RecurrentLanguageModel(VOCAB, core="rnn", embedding_size=6, hidden_size=6, num_layers=1, dropout=0.0,
-                                  tie_weights=True)
+    tied = RecurrentLanguageModel(
+        VOCAB, core="rnn", embedding_size=6, hidden_size=6, num_layers=1, dropout=0.0, tie_weights=True
+    )
     assert tied.V is tied.embedding.weight
     # embedding (= V) + U + W + b + c, the tied matrix counted once
     assert count_parameters(tied) == VOCAB * 6 + 6 * 6 + 6 * 6 + 6 + VOCAB
@@ -112,8 +115,12 @@ def test_gradcheck_elman_layer_float64():
 def test_hand_lstm_without_peepholes_matches_torch_lstm_outputs_and_gradients():
     torch.manual_seed(0)
     seq, batch, emb, hidden, layers = 6, 3, 5, 4, 2
-    ref = RecurrentLanguageModel(VOCAB, core="lstm", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
-    hand = RecurrentLanguageModel(VOCAB, core="lstm_hand", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0)
+    ref = RecurrentLanguageModel(
+        VOCAB, core="lstm", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0
+    )
+    hand = RecurrentLanguageModel(
+        VOCAB, core="lstm_hand", embedding_size=emb, hidden_size=hidden, num_layers=layers, dropout=0.0
+    )
     with torch.no_grad():
         hand.embedding.weight.copy_(ref.embedding.weight)
         hand.decoder.weight.copy_(ref.decoder.weight)
@@ -168,7 +175,9 @@ def test_peephole_layer_matches_the_gate_equations():
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias"):
             getattr(no_peep, name).copy_(getattr(layer, name))
-    assert (no_peep(x, (torch.zeros(2, 4), torch.ones(2, 4)))[0] - layer(x, (torch.zeros(2, 4), torch.ones(2, 4)))[0]).abs().max() > 1e-2
+    assert (
+        no_peep(x, (torch.zeros(2, 4), torch.ones(2, 4)))[0] - layer(x, (torch.zeros(2, 4), torch.ones(2, 4)))[0]
+    ).abs().max() > 1e-2
 
 
 def test_gradcheck_peephole_lstm_cell_and_layer_float64():
@@ -185,7 +194,9 @@ def test_gradcheck_peephole_lstm_cell_and_layer_float64():
     # hand-written BPTT (lstm_layer) and for the autograd unroll it replaces.
     layer = HandLSTMLayer(inp, hid, peepholes=True).double()
     x = torch.randn(4, batch, inp, dtype=torch.float64, requires_grad=True)
-    params = [p.detach().clone().requires_grad_(True) for p in (layer.weight_ih, layer.weight_hh, layer.bias, layer.peephole)]
+    params = [
+        p.detach().clone().requires_grad_(True) for p in (layer.weight_ih, layer.weight_hh, layer.bias, layer.peephole)
+    ]
     for layer_fn in (lstm_layer, lstm_layer_autograd):
 
         def window(x, h, c, w_ih, w_hh, bias, peep, layer_fn=layer_fn):
@@ -220,8 +231,9 @@ def test_hand_bptt_equals_autograd_through_the_cell(peepholes):
 def test_mlp_predicts_from_exactly_its_n_minus_1_predecessors():
     torch.manual_seed(4)
     ctx = 3
-    model = MLPLanguageModel(VOCAB, embedding_size=4, hidden_size=8, context_size=ctx, dropout=0.0,
-                             direct_connections=True).eval()
+    model = MLPLanguageModel(
+        VOCAB, embedding_size=4, hidden_size=8, context_size=ctx, dropout=0.0, direct_connections=True
+    ).eval()
     with torch.no_grad():
         model.direct.weight.normal_()
     tokens = torch.randint(4, VOCAB, (10, 2))
@@ -253,8 +265,9 @@ NEW_MODELS = ["rnn", "lstm_hand", "lstm_peephole", "mlp"]
 def test_registry_models_carry_state_across_windows(name):
     """Reading a stream in two windows with the carried state == reading it in one."""
     torch.manual_seed(5)
-    model = build_language_model(name, VOCAB, embedding_size=8, hidden_size=8, num_layers=1 if name == "mlp" else 2,
-                                 dropout=0.3).eval()
+    model = build_language_model(
+        name, VOCAB, embedding_size=8, hidden_size=8, num_layers=1 if name == "mlp" else 2, dropout=0.3
+    ).eval()
     assert model.hparams["vocab_size"] == VOCAB
     rebuilt = build_language_model(name, **model.hparams)
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())
@@ -311,7 +324,9 @@ def test_unknown_model_lists_the_valid_names():
 
 
 def test_peephole_model_has_three_diagonal_weight_vectors_per_layer():
-    peep = RecurrentLanguageModel(VOCAB, core="lstm_peephole", embedding_size=5, hidden_size=6, num_layers=2, dropout=0.0)
+    peep = RecurrentLanguageModel(
+        VOCAB, core="lstm_peephole", embedding_size=5, hidden_size=6, num_layers=2, dropout=0.0
+    )
     hand = RecurrentLanguageModel(VOCAB, core="lstm_hand", embedding_size=5, hidden_size=6, num_layers=2, dropout=0.0)
     assert count_parameters(peep) - count_parameters(hand) == 2 * 3 * 6
     assert peep.hparams["core"] == "lstm_peephole" and hand.hparams["core"] == "lstm_hand"
@@ -323,11 +338,11 @@ def test_peephole_model_has_three_diagonal_weight_vectors_per_layer():
 def test_one_shell_for_every_recurrent_core(core):
     """Embedding, dropout, output layer, tying and init are the shell's: the same for every core."""
     torch.manual_seed(0)
-    tied = build_language_model(core, VOCAB, embedding_size=8, hidden_size=8, num_layers=2, dropout=0.2,
-                                tie_weights=True)
+    tied = build_language_model(
+        core, VOCAB, embedding_size=8, hidden_size=8, num_layers=2, dropout=0.2, tie_weights=True
+    )
     assert isinstance(tied, RecurrentLanguageModel) and tied.decoder.weight is tied.embedding.weight
     assert tied.V is tied.decoder.weight and tied.c is tied.decoder.bias
     assert float(tied.c.detach().abs().sum()) == 0.0 and float(tied.embedding.weight.detach().abs().max()) <= 0.1
     with pytest.raises(ConfigError, match="tie_weights needs embedding_size == hidden_size"):
-        build_language_model(core, VOCAB, embedding_size=8, hidden_size=6, num_layers=1, dropout=0.0,
-                             tie_weights=True)
+        build_language_model(core, VOCAB, embedding_size=8, hidden_size=6, num_layers=1, dropout=0.0, tie_weights=True)

@@ -5,8 +5,8 @@ import json
 import math
 
 import pytest
-
 from lm_helpers import lm_params, train_lm_run
+
 from rnnlab.cli import generate_command
 from rnnlab.errors import ConfigError
 from rnnlab.stages.train import parse_runs, train_stage
@@ -75,20 +75,40 @@ def test_bad_run_params_name_the_key(override, key):
 
 def test_stage_loop_rows_for_ngram_and_neural(prepared_ptb, tmp_path):
     """Two runs of one section through the stage loop: each writes its own row, plot and model folder."""
-    defaults = {"embedding_size": 16, "hidden_size": 16, "num_layers": 1, "dropout": 0.0, "bptt": 20,
-                "batch_size": 16, "train_fraction": 0.02, "limit_train_batches": 10, "samples": 2}
-    params = lm_params({"ptb-ngram": {"corpus": "ptb", "model": "ngram", "order": 2},
-                        "ptb-lstm": {"corpus": "ptb", "model": "lstm"}}, seed=3,
-                       trainer={"checkpoint_every_n_steps": 0}, defaults=defaults)
+    defaults = {
+        "embedding_size": 16,
+        "hidden_size": 16,
+        "num_layers": 1,
+        "dropout": 0.0,
+        "bptt": 20,
+        "batch_size": 16,
+        "train_fraction": 0.02,
+        "limit_train_batches": 10,
+        "samples": 2,
+    }
+    params = lm_params(
+        {"ptb-ngram": {"corpus": "ptb", "model": "ngram", "order": 2}, "ptb-lstm": {"corpus": "ptb", "model": "lstm"}},
+        seed=3,
+        trainer={"checkpoint_every_n_steps": 0},
+        defaults=defaults,
+    )
     models = tmp_path / "models"
     rows = {}
     for name in ("ptb-ngram", "ptb-lstm"):
-        rows[name] = train_stage(params, "train_lm", name, StagePaths(prepared=prepared_ptb.parent), models,
-                                 tmp_path / "metrics" / f"{name}.json", tmp_path / "plots" / f"{name}.json",
-                                 tmp_path / "ckpt")
+        rows[name] = train_stage(
+            params,
+            "train_lm",
+            name,
+            StagePaths(prepared=prepared_ptb.parent),
+            models,
+            tmp_path / "metrics" / f"{name}.json",
+            tmp_path / "plots" / f"{name}.json",
+            tmp_path / "ckpt",
+        )
         assert json.loads((tmp_path / "metrics" / f"{name}.json").read_text()) == rows[name]
         assert {"val_ppl", "test_ppl", "params", "tokens_per_s", "wall_s", "stage_wall_s", "mlflow_run_id"} <= set(
-            rows[name])
+            rows[name]
+        )
         assert not (tmp_path / "ckpt" / "train_lm" / name).exists()  # the resume folder goes once outputs exist
     assert rows["ptb-ngram"]["model"] == "ngram" and rows["ptb-lstm"]["corpus"] == "ptb"
     # Measured: KN bigram 186.794; 10 SGD steps of a 16-unit LSTM 2651.2 (from 10,000 untrained).
@@ -118,8 +138,16 @@ def test_stage_loop_rows_for_ngram_and_neural(prepared_ptb, tmp_path):
 
 def test_disabled_run_writes_a_row_saying_so(prepared_ptb, tmp_path):
     params = lm_params({"off": {"corpus": "ptb", "model": "lstm", "enabled": False}})
-    row = train_stage(params, "train_lm", "off", StagePaths(prepared=prepared_ptb.parent), tmp_path / "models",
-                      tmp_path / "off.json", tmp_path / "off-plot.json", tmp_path / "ckpt")
+    row = train_stage(
+        params,
+        "train_lm",
+        "off",
+        StagePaths(prepared=prepared_ptb.parent),
+        tmp_path / "models",
+        tmp_path / "off.json",
+        tmp_path / "off-plot.json",
+        tmp_path / "ckpt",
+    )
     assert row["enabled"] is False and "train_lm.runs.off.enabled is false" in row["reason"]
     assert json.loads((tmp_path / "off.json").read_text()) == row
     assert not (tmp_path / "models" / "off" / "model.ckpt").exists()

@@ -5,12 +5,23 @@ import json
 import math
 
 import pytest
-
 from lm_helpers import train_lm_run
+
 from rnnlab.tasks.lm import score
 
-TINY = dict(model="lstm", embedding_size=32, hidden_size=32, num_layers=1, dropout=0.0, batch_size=16, bptt=20,
-            lr=20.0, train_fraction=0.05, limit_train_batches=60, samples=2)
+TINY = dict(
+    model="lstm",
+    embedding_size=32,
+    hidden_size=32,
+    num_layers=1,
+    dropout=0.0,
+    batch_size=16,
+    bptt=20,
+    lr=20.0,
+    train_fraction=0.05,
+    limit_train_batches=60,
+    samples=2,
+)
 
 
 @pytest.fixture(scope="module")

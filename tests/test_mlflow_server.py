@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from local_server import local_service
 from pipeline_repo import VENV_BIN, prepared_copy, run, start, step_checkpoints, train_cmd, wait_for
 
@@ -21,8 +20,20 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("mlflow-server")
-    cmd = [str(Path(VENV_BIN) / "mlflow"), "server", "--host", "127.0.0.1", "--port", "{port}", "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{base / 'store.db'}", "--artifacts-destination", str(base / "artifacts")]
+    cmd = [
+        str(Path(VENV_BIN) / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{base / 'store.db'}",
+        "--artifacts-destination",
+        str(base / "artifacts"),
+    ]
     with local_service(cmd, base / "server.log", "/health", cwd=base) as (uri, proc):
         yield {"uri": uri, "base": base, "proc": proc}
 
@@ -45,8 +56,10 @@ def test_pipeline_logs_runs_metrics_and_artifacts_through_the_server(server, rep
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "val/ppl")] == [1]
     # Artifacts went through the server's artifact proxy into its own artifact root.
     assert tracked.info.artifact_uri.startswith("mlflow-artifacts:/")
-    assert {a.path for a in client.list_artifacts(tracked.info.run_id, "model")} == {"model/model.ckpt",
-                                                                                     "model/vocab.json"}
+    assert {a.path for a in client.list_artifacts(tracked.info.run_id, "model")} == {
+        "model/model.ckpt",
+        "model/vocab.json",
+    }
     stored = list((server["base"] / "artifacts").rglob("model.ckpt"))
     assert len(stored) == 1 and stored[0].read_bytes() == (repo / "data/models/lm/ptb-lstm/model.ckpt").read_bytes()
     assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()  # nothing local

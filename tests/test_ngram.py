@@ -85,7 +85,9 @@ def test_agrees_with_nltk_kneser_ney_interpolated(order, discount):
     assert compared > 200
     # And the stream scoring path gives the same numbers as the distribution path.
     full = np.exp(ours.log_prob(ids))[order - 2 :]
-    assert full == pytest.approx([nltk_lm.score(w, TINY[t - order + 1 : t]) for t, w in enumerate(TINY) if t >= order - 1])
+    assert full == pytest.approx(
+        [nltk_lm.score(w, TINY[t - order + 1 : t]) for t, w in enumerate(TINY) if t >= order - 1]
+    )
 
 
 def test_distribution_is_normalised_and_matches_stream_scores():
@@ -151,6 +153,7 @@ def test_counting_is_vectorised():
 
 def test_ptb_5gram_perplexity_in_the_published_range(mirror):
     """Mikolov (2012) reports 141.2 for a (modified) KN5 on this PTB test set."""
+
     def stream(split):
         return [line.split() + [EOS] for line in (mirror / "ptb" / f"ptb.{split}.txt").open(encoding="utf-8")]
 

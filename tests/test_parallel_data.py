@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +11,6 @@ from rnnlab.data.parallel import BucketBatchSampler, ParallelDataModule, read_mu
 from rnnlab.data.tokenize import WordTokenizer
 from rnnlab.data.vocab import Vocab
 from rnnlab.errors import ConfigError, DataError
-
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,23 @@ import sys
 
 import pytest
 import yaml
-
 from pipeline_repo import copy_repo, edit_params, git_repo, run, tiny_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("download", "prepare", "train_lm@ptb-lstm", "train_lm@ptb-ngram", "study", "train_seq2seq@multi30k-attention",
-          "train_seq2seq@multi30k-none", "features", "train_captioner@flickr8k-show_tell",
-          "train_captioner@flickr8k-soft_attention", "evaluate")
+STAGES = (
+    "download",
+    "prepare",
+    "train_lm@ptb-lstm",
+    "train_lm@ptb-ngram",
+    "study",
+    "train_seq2seq@multi30k-attention",
+    "train_seq2seq@multi30k-none",
+    "features",
+    "train_captioner@flickr8k-show_tell",
+    "train_captioner@flickr8k-soft_attention",
+    "evaluate",
+)
 TRAIN_STAGES = {"train_lm": 10, "train_seq2seq": 2, "train_captioner": 2}  # one DVC stage per run
 
 
@@ -52,21 +61,26 @@ def test_repro_runs_every_stage_and_writes_its_metrics(repro):
     assert prepare["multi30k"]["splits"]["test"]["lines"] == 1000
     assert sum(prepare["flickr8k"]["dropped"].values()) == 5  # the `.jpg.1` quirk, counted
 
-    lm = {"lstm": _json(repo, "data/metrics/train_lm/ptb-lstm.json"),
-          "ngram": _json(repo, "data/metrics/train_lm/ptb-ngram.json")}
+    lm = {
+        "lstm": _json(repo, "data/metrics/train_lm/ptb-lstm.json"),
+        "ngram": _json(repo, "data/metrics/train_lm/ptb-ngram.json"),
+    }
     assert 50 < lm["lstm"]["val_ppl"] < 3000 and lm["lstm"]["tokens_per_s"] > 0
     assert 1 < lm["ngram"]["val_ppl"] < lm["lstm"]["val_ppl"]  # counts over all of train vs 10 tiny batches
     assert _json(repo, "data/metrics/train_lm/ptb-gru.json")["enabled"] is False  # left out by the profile
 
-    s2s = {name: _json(repo, f"data/metrics/train_seq2seq/{name}.json")
-           for name in ("multi30k-attention", "multi30k-none")}
+    s2s = {
+        name: _json(repo, f"data/metrics/train_seq2seq/{name}.json") for name in ("multi30k-attention", "multi30k-none")
+    }
     assert all(0 <= row["sacrebleu_beam2"] <= 100 and row["val_ppl"] > 1 for row in s2s.values())
 
     features = _json(repo, "data/metrics/features.json")
     assert features["encoded"] == features["images"] >= 24 and features["bad_images"] == 0  # 8 per split
 
-    cap = {name: _json(repo, f"data/metrics/train_captioner/{name}.json")
-           for name in ("flickr8k-show_tell", "flickr8k-soft_attention")}
+    cap = {
+        name: _json(repo, f"data/metrics/train_captioner/{name}.json")
+        for name in ("flickr8k-show_tell", "flickr8k-soft_attention")
+    }
 
     study = _json(repo, "data/metrics/study.json")
     assert study["gradient_flow"]["lstm_over_rnn_at_lag_10_trained"] > 0
@@ -76,9 +90,19 @@ def test_repro_runs_every_stage_and_writes_its_metrics(repro):
     assert table["lm"]["ptb"]["lstm"]["mlflow_run_id"] == lm["lstm"]["mlflow_run_id"]
     assert table["lm"]["ptb"]["ngram"]["test_ppl"] > 1
     assert set(table["translation"]) == set(s2s) and set(table["captioning"]) == set(cap)
-    assert set(table["skipped"]) == {f"lm.{n}" for n in ("wikitext2-ngram", "tinyshakespeare-ngram", "ptb-rnn", "ptb-gru",
-                                                         "ptb-lstm_peephole", "ptb-mlp", "wikitext2-lstm",
-                                                         "tinyshakespeare-lstm")}
+    assert set(table["skipped"]) == {
+        f"lm.{n}"
+        for n in (
+            "wikitext2-ngram",
+            "tinyshakespeare-ngram",
+            "ptb-rnn",
+            "ptb-gru",
+            "ptb-lstm_peephole",
+            "ptb-mlp",
+            "wikitext2-lstm",
+            "tinyshakespeare-lstm",
+        )
+    }
     assert "enabled is false (profile 'tiny')" in table["skipped"]["lm.ptb-gru"]
     report = (repo / "data/reports/index.md").read_text()
     assert lm["lstm"]["mlflow_run_id"] in report and "multi30k-attention" in report
@@ -149,8 +173,13 @@ def test_every_stage_depends_on_every_module_it_imported(repro):
     repo, _, imports = repro
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     recorded = {p.stem: json.loads(p.read_text()) for p in imports.glob("*.json")}
-    pipeline_stage = {"download": "download", "prepare": "prepare", "study": "study", "features": "features",
-                      "evaluate": "evaluate"}
+    pipeline_stage = {
+        "download": "download",
+        "prepare": "prepare",
+        "study": "study",
+        "features": "features",
+        "evaluate": "evaluate",
+    }
     assert len(recorded) >= len(STAGES)
     missing = {}
     for name, files in recorded.items():
@@ -181,8 +210,14 @@ def test_editing_a_shared_module_marks_the_stages_that_use_it(repro):
     try:
         module.write_text(original + "\n# edited\n")
         changed = _stages(run(["dvc", "status"], repo).stdout)
-        assert {f"{s}@{r}" for s, r in (("train_lm", "ptb-lstm"), ("train_seq2seq", "multi30k-none"),
-                                         ("train_captioner", "flickr8k-show_tell"))} <= changed
+        assert {
+            f"{s}@{r}"
+            for s, r in (
+                ("train_lm", "ptb-lstm"),
+                ("train_seq2seq", "multi30k-none"),
+                ("train_captioner", "flickr8k-show_tell"),
+            )
+        } <= changed
         assert not {"download", "prepare"} & changed
     finally:
         module.write_text(original)
@@ -224,9 +259,22 @@ def test_bad_param_fails_the_stage_with_a_clear_message(repro, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "profiles").mkdir()
     (tmp_path / "profiles" / "cpu.yaml").write_text("{}\n")
-    cmd = [sys.executable, "pipeline/train_lm.py", "--params", str(tmp_path / "params.yaml"), "--run", "ptb-lstm",
-           "--prepared", "data/prepared", "--models", str(tmp_path / "m"), "--metrics", str(tmp_path / "m.json"),
-           "--plots", str(tmp_path / "plot.json")]
+    cmd = [
+        sys.executable,
+        "pipeline/train_lm.py",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--run",
+        "ptb-lstm",
+        "--prepared",
+        "data/prepared",
+        "--models",
+        str(tmp_path / "m"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+        "--plots",
+        str(tmp_path / "plot.json"),
+    ]
     proc = run(cmd, repo, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: train_lm.runs.ptb-lstm.bptt: expected an integer >= 1, got 0"

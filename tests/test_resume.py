@@ -15,9 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_repo import (
+    RUN_DIR,
+    edit_profile,
+    prepared_copy,
+    run,
+    stage_process,
+    start,
+    step_checkpoints,
+    train_cmd,
+    wait_for,
+)
 
-from pipeline_repo import (RUN_DIR, edit_profile, prepared_copy, run, stage_process, start, step_checkpoints,
-                           train_cmd, wait_for)
 from rnnlab.resume import AtomicCheckpointIO, ResumableLoader, ResumeDir
 
 EXACT_KEYS = ["val_loss", "val_ppl", "test_loss", "test_ppl", "epochs", "params"]
@@ -56,8 +65,12 @@ def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
     kill_after = int(os.environ.get("RNNLAB_KILL_AFTER") or random.Random(os.getpid()).randrange(8, STEPS - 16))
     print(f"killing after step {kill_after}")
     repro = start(["dvc", "repro", "--single-item", STAGE], repo)
-    wait_for(lambda: any(s >= kill_after for s in step_checkpoints(repo)), 300, f"a checkpoint at step >= {kill_after}",
-             repro)
+    wait_for(
+        lambda: any(s >= kill_after for s in step_checkpoints(repo)),
+        300,
+        f"a checkpoint at step >= {kill_after}",
+        repro,
+    )
     trainer = wait_for(lambda: stage_process(repro), 10, "the train_lm process", repro)
     trainer.send_signal(signal.SIGKILL)
     out, err = repro.communicate(timeout=120)

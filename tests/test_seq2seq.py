@@ -13,13 +13,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from rnnlab.resume import load_checkpoint_file as load_checkpoint
 from rnnlab.data.parallel import ParallelDataModule, pad_sequences, read_multi30k
 from rnnlab.data.tokenize import WordTokenizer
 from rnnlab.data.vocab import Vocab
 from rnnlab.decoding import beam_search, greedy_decode
 from rnnlab.errors import ConfigError, DataError, RnnlabError
 from rnnlab.models.seq2seq import Seq2Seq
+from rnnlab.resume import load_checkpoint_file as load_checkpoint
 from rnnlab.tasks import translation
 from rnnlab.tasks.translation import RunConfig, TranslationTask, load, parse_run
 
@@ -42,8 +42,16 @@ def pairs(mirror) -> pd.DataFrame:
 
 def small_model(attention: str, input_feeding: bool = False, layers: int = 2, seed: int = 0) -> Seq2Seq:
     torch.manual_seed(seed)
-    return Seq2Seq(40, 50, embedding_size=12, hidden_size=16, num_layers=layers, dropout=0.1,
-                   attention=attention, input_feeding=input_feeding).eval()
+    return Seq2Seq(
+        40,
+        50,
+        embedding_size=12,
+        hidden_size=16,
+        num_layers=layers,
+        dropout=0.1,
+        attention=attention,
+        input_feeding=input_feeding,
+    ).eval()
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,11 +162,29 @@ def tiny_task(pairs: pd.DataFrame, n_pairs: int = 8, **overrides) -> tuple[Trans
     words = WordTokenizer(lowercase=True), WordTokenizer(lowercase=False)
     src_vocab = Vocab.build(words[0].tokenize(s) for s in train["src"])
     tgt_vocab = Vocab.build(words[1].tokenize(s) for s in train["tgt"])
-    hparams = dict(embedding_size=32, hidden_size=64, num_layers=1, dropout=0.0, attention="bahdanau",
-                   lr=0.01, label_smoothing=0.0, decode_max_len=30) | overrides
+    hparams = (
+        dict(
+            embedding_size=32,
+            hidden_size=64,
+            num_layers=1,
+            dropout=0.0,
+            attention="bahdanau",
+            lr=0.01,
+            label_smoothing=0.0,
+            decode_max_len=30,
+        )
+        | overrides
+    )
     torch.manual_seed(0)
-    task = TranslationTask(len(src_vocab), len(tgt_vocab), src_vocab=src_vocab, tgt_vocab=tgt_vocab,
-                           src_tokenizer=words[0], tgt_tokenizer=words[1], **hparams)
+    task = TranslationTask(
+        len(src_vocab),
+        len(tgt_vocab),
+        src_vocab=src_vocab,
+        tgt_vocab=tgt_vocab,
+        src_tokenizer=words[0],
+        tgt_tokenizer=words[1],
+        **hparams,
+    )
     return task, train
 
 
@@ -166,8 +192,13 @@ def tiny_task(pairs: pd.DataFrame, n_pairs: int = 8, **overrides) -> tuple[Trans
 def overfit(pairs):
     """A model trained to memorise 8 real Multi30k pairs (about 150 Adam steps on one batch)."""
     task, train = tiny_task(pairs)
-    dm = ParallelDataModule(train, batch_size=8, max_len=40, vocabs=(task.src_vocab, task.tgt_vocab),
-                            tokenizers=(task.src_tokenizer, task.tgt_tokenizer))
+    dm = ParallelDataModule(
+        train,
+        batch_size=8,
+        max_len=40,
+        vocabs=(task.src_vocab, task.tgt_vocab),
+        tokenizers=(task.src_tokenizer, task.tgt_tokenizer),
+    )
     dm.setup()
     batch = next(iter(dm.loader("train", shuffle=False)))
     optimizer = torch.optim.Adam(task.parameters(), lr=0.01)
@@ -206,8 +237,11 @@ def test_translate_rejects_empty_lines_and_counts_truncation(overfit):
 
 
 def save_task(task: TranslationTask, path: Path) -> Path:
-    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                  "pytorch-lightning_version": pl.__version__}
+    checkpoint = {
+        "state_dict": task.state_dict(),
+        "hyper_parameters": dict(task.hparams),
+        "pytorch-lightning_version": pl.__version__,
+    }
     task.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return path
@@ -287,21 +321,42 @@ def _context(tmp_path: Path, name: str = "tiny", seed: int = 3):
 
     out = tmp_path / "models" / name
     out.mkdir(parents=True)
-    return RunContext(name=name, where=f"train_seq2seq.runs.{name}", seed=seed, trainer=TrainerConfig(num_threads=1),
-                      paths=StagePaths(prepared=tmp_path / "prepared"), out_dir=out,
-                      resume=ResumeDir.scratch(tmp_path / "resume"), tracker=NullTracker(), writer=True)
+    return RunContext(
+        name=name,
+        where=f"train_seq2seq.runs.{name}",
+        seed=seed,
+        trainer=TrainerConfig(num_threads=1),
+        paths=StagePaths(prepared=tmp_path / "prepared"),
+        out_dir=out,
+        resume=ResumeDir.scratch(tmp_path / "resume"),
+        tracker=NullTracker(),
+        writer=True,
+    )
 
 
 def test_train_translation_end_to_end(pairs, tmp_path):
-    from rnnlab.io import write_parquet
     from rnnlab.distributed import seed_everything
+    from rnnlab.io import write_parquet
 
     small = pairs.groupby("split").head(120)
     (tmp_path / "prepared" / "multi30k").mkdir(parents=True)
     write_parquet(tmp_path / "prepared" / "multi30k" / "pairs.parquet", small)
-    run = parse_run(dict(embedding_size=16, hidden_size=16, max_epochs=2, limit_train_batches=3, batch_size=32,
-                         beam_sizes=[1, 2], heatmaps=2, max_len=20, tokenizer="bpe", bpe_vocab_size=300, min_freq=1),
-                    "train_seq2seq.runs.tiny")
+    run = parse_run(
+        dict(
+            embedding_size=16,
+            hidden_size=16,
+            max_epochs=2,
+            limit_train_batches=3,
+            batch_size=32,
+            beam_sizes=[1, 2],
+            heatmaps=2,
+            max_len=20,
+            tokenizer="bpe",
+            bpe_vocab_size=300,
+            min_freq=1,
+        ),
+        "train_seq2seq.runs.tiny",
+    )
     ctx = _context(tmp_path)
     assert translation.data_files(run, ctx.paths) == [tmp_path / "prepared" / "multi30k" / "pairs.parquet"]
     seed_everything(ctx.seed)
@@ -326,13 +381,21 @@ def test_train_translation_end_to_end(pairs, tmp_path):
     rows = json.loads((folder / "bleu_vs_beam.json").read_text())
     assert [r["beam"] for r in rows] == [1, 2]
     assert rows[0]["sacrebleu"] == row["sacrebleu_greedy"] and rows[1]["chrf"] == row["chrf_beam2"]
-    assert output.plot_rows == [{"run": "tiny", "beam": 1, "bleu": row["sacrebleu_greedy"]},
-                                {"run": "tiny", "beam": 2, "bleu": row["sacrebleu_beam2"]}]
+    assert output.plot_rows == [
+        {"run": "tiny", "beam": 1, "bleu": row["sacrebleu_greedy"]},
+        {"run": "tiny", "beam": 2, "bleu": row["sacrebleu_beam2"]},
+    ]
     assert json.loads((folder / "config.json").read_text())["hidden_size"] == 16
     assert len(json.loads((folder / "history.json").read_text())) == 2
     folders = {(Path(p).name, f) for p, f in output.artifacts}
-    assert {("model.ckpt", "model"), ("vocab.tgt.json", "model"), ("test_hyps_beam2.txt", "hyps"),
-            ("val_00.png", "attention"), ("bleu_vs_beam.png", None), ("history.json", None)} <= folders
+    assert {
+        ("model.ckpt", "model"),
+        ("vocab.tgt.json", "model"),
+        ("test_hyps_beam2.txt", "hyps"),
+        ("val_00.png", "attention"),
+        ("bleu_vs_beam.png", None),
+        ("history.json", None),
+    } <= folders
     hyps = (folder / "test_hyps_greedy.txt").read_text(encoding="utf-8").splitlines()
     assert len(hyps) == 120
     task = load(folder)
@@ -352,5 +415,6 @@ def test_train_translation_end_to_end(pairs, tmp_path):
     # score() on the folder alone reproduces the row (the evaluate stage's path)
     result = translation.score(folder, ctx.paths, beam_sizes=[1, 2])
     assert {k: result[k] for k in ("sacrebleu_greedy", "tok_lc_bleu_beam2", "chrf_beam2", "test_ppl")} == {
-        k: row[k] for k in ("sacrebleu_greedy", "tok_lc_bleu_beam2", "chrf_beam2", "test_ppl")}
+        k: row[k] for k in ("sacrebleu_greedy", "tok_lc_bleu_beam2", "chrf_beam2", "test_ppl")
+    }
     assert [b["beam"] for b in result["beams"]] == [1, 2] and result["test_sentences"] == 120

@@ -31,12 +31,26 @@ def tiny_train_seq2seq() -> dict:
     """The tiny ``train_seq2seq`` section (also the end-to-end pipeline test profile)."""
     return {
         "experiment": "rnnlab-seq2seq-test",
-        "defaults": {"tokenizer": "bpe", "bpe_vocab_size": 400, "embedding_size": 32, "hidden_size": 32,
-                     "max_len": 20, "batch_size": 32, "max_epochs": 2, "limit_train_batches": 8,
-                     "max_time_minutes": None, "lr": 0.01, "beam_sizes": BEAMS, "heatmaps": 2,
-                     "max_train_pairs": 300, "max_val_pairs": 60},
-        "runs": {RUNS[0]: {"attention": "bahdanau"},
-                 RUNS[1]: {"attention": "none", "tokenizer": "word", "min_freq": 2}},
+        "defaults": {
+            "tokenizer": "bpe",
+            "bpe_vocab_size": 400,
+            "embedding_size": 32,
+            "hidden_size": 32,
+            "max_len": 20,
+            "batch_size": 32,
+            "max_epochs": 2,
+            "limit_train_batches": 8,
+            "max_time_minutes": None,
+            "lr": 0.01,
+            "beam_sizes": BEAMS,
+            "heatmaps": 2,
+            "max_train_pairs": 300,
+            "max_val_pairs": 60,
+        },
+        "runs": {
+            RUNS[0]: {"attention": "bahdanau"},
+            RUNS[1]: {"attention": "none", "tokenizer": "word", "min_freq": 2},
+        },
     }
 
 
@@ -44,10 +58,26 @@ def tiny_train_seq2seq() -> dict:
 # "Ein Ein Mann ...": BLEU is ~0.1, and beam 2 is not better than greedy for every run (chrF of the
 # word model: 4.02 beam 2 vs 4.54 greedy), so the values are pinned rather than ordered.
 MEASURED = {
-    RUNS[0]: {"sacrebleu_greedy": 0.10, "sacrebleu_beam2": 0.11, "tok_lc_bleu_greedy": 0.10, "tok_lc_bleu_beam2": 0.11,
-              "chrf_greedy": 7.53, "chrf_beam2": 7.63, "val_ppl": 176.598, "test_ppl": 179.987},
-    RUNS[1]: {"sacrebleu_greedy": 0.02, "sacrebleu_beam2": 0.02, "tok_lc_bleu_greedy": 0.02, "tok_lc_bleu_beam2": 0.02,
-              "chrf_greedy": 4.54, "chrf_beam2": 4.02, "val_ppl": 39.335, "test_ppl": 39.99},
+    RUNS[0]: {
+        "sacrebleu_greedy": 0.10,
+        "sacrebleu_beam2": 0.11,
+        "tok_lc_bleu_greedy": 0.10,
+        "tok_lc_bleu_beam2": 0.11,
+        "chrf_greedy": 7.53,
+        "chrf_beam2": 7.63,
+        "val_ppl": 176.598,
+        "test_ppl": 179.987,
+    },
+    RUNS[1]: {
+        "sacrebleu_greedy": 0.02,
+        "sacrebleu_beam2": 0.02,
+        "tok_lc_bleu_greedy": 0.02,
+        "tok_lc_bleu_beam2": 0.02,
+        "chrf_greedy": 4.54,
+        "chrf_beam2": 4.02,
+        "val_ppl": 39.335,
+        "test_ppl": 39.99,
+    },
 }
 
 
@@ -59,14 +89,25 @@ def untrained_scores(folder: Path, prepared: Path) -> dict:
 
     task = load(folder)
     torch.manual_seed(0)
-    fresh = TranslationTask(**dict(task.hparams), src_vocab=task.src_vocab, tgt_vocab=task.tgt_vocab,
-                            src_tokenizer=task.src_tokenizer, tgt_tokenizer=task.tgt_tokenizer).eval()
-    dm = ParallelDataModule(read_pairs(prepared), max_len=20, tokenizers=(task.src_tokenizer, task.tgt_tokenizer),
-                            vocabs=(task.src_vocab, task.tgt_vocab))
+    fresh = TranslationTask(
+        **dict(task.hparams),
+        src_vocab=task.src_vocab,
+        tgt_vocab=task.tgt_vocab,
+        src_tokenizer=task.src_tokenizer,
+        tgt_tokenizer=task.tgt_tokenizer,
+    ).eval()
+    dm = ParallelDataModule(
+        read_pairs(prepared),
+        max_len=20,
+        tokenizers=(task.src_tokenizer, task.tgt_tokenizer),
+        vocabs=(task.src_vocab, task.tgt_vocab),
+    )
     dm.setup_split("test")
     hyps = fresh.translate(dm.sources("test"), beam_size=1)
-    return {"test_ppl": perplexity(teacher_forced_loss(fresh, dm.loader("test"))),
-            "sacrebleu": score_translations(hyps, dm.references("test"))["sacrebleu"]}
+    return {
+        "test_ppl": perplexity(teacher_forced_loss(fresh, dm.loader("test"))),
+        "sacrebleu": score_translations(hyps, dm.references("test"))["sacrebleu"],
+    }
 
 
 def sacrebleu_cli(hyps: Path, refs: Path) -> dict:
@@ -74,21 +115,36 @@ def sacrebleu_cli(hyps: Path, refs: Path) -> dict:
     import subprocess
 
     exe = Path(sys.executable).parent / "sacrebleu"
-    out = subprocess.run([str(exe), str(refs), "-i", str(hyps), "-m", "bleu", "chrf", "-w", "2", "--format", "json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(exe), str(refs), "-i", str(hyps), "-m", "bleu", "chrf", "-w", "2", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {r["name"]: r for r in json.loads(out)}
 
 
 def tiny_params(tracking: bool = True) -> dict:
-    return {"seed": 7, "tracking": {"enabled": tracking}, "trainer": {"num_threads": 1},
-            "train_seq2seq": tiny_train_seq2seq()}
+    return {
+        "seed": 7,
+        "tracking": {"enabled": tracking},
+        "trainer": {"num_threads": 1},
+        "train_seq2seq": tiny_train_seq2seq(),
+    }
 
 
 def run_stage(params: dict, name: str) -> dict:
     """One run of the stage (DVC's ``train_seq2seq@<name>``), relative to the working directory."""
-    return train_stage(params, "train_seq2seq", name, StagePaths(prepared=Path("data/prepared")),
-                       Path("data/models/seq2seq"), Path(f"data/metrics/train_seq2seq/{name}.json"),
-                       Path(f"data/plots/train_seq2seq/{name}.json"), Path("data/checkpoints"))
+    return train_stage(
+        params,
+        "train_seq2seq",
+        name,
+        StagePaths(prepared=Path("data/prepared")),
+        Path("data/models/seq2seq"),
+        Path(f"data/metrics/train_seq2seq/{name}.json"),
+        Path(f"data/plots/train_seq2seq/{name}.json"),
+        Path("data/checkpoints"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +172,19 @@ def test_stage_writes_models_metrics_plots_and_mlflow_runs(stage):
     for name in RUNS:
         row, folder = table[name], root / "data/models/seq2seq" / name
         assert json.loads((root / f"data/metrics/train_seq2seq/{name}.json").read_text()) == json.loads(json.dumps(row))
-        for file in ("model.ckpt", "vocab.src.json", "vocab.tgt.json", "tokenizer.src.json", "tokenizer.tgt.json",
-                     "config.json", "history.json", "bleu_vs_beam.json", "bleu_vs_beam.png", "test_hyps_greedy.txt",
-                     "test_hyps_beam2.txt"):
+        for file in (
+            "model.ckpt",
+            "vocab.src.json",
+            "vocab.tgt.json",
+            "tokenizer.src.json",
+            "tokenizer.tgt.json",
+            "config.json",
+            "history.json",
+            "bleu_vs_beam.json",
+            "bleu_vs_beam.png",
+            "test_hyps_greedy.txt",
+            "test_hyps_beam2.txt",
+        ):
             assert (folder / file).is_file(), file
         assert not (folder / "test_hyps_beam1.txt").exists()  # beam 1 is greedy: one setting, one file
         assert row["model_path"] == f"data/models/seq2seq/{name}"
@@ -173,8 +239,16 @@ def test_score_reproduces_the_training_numbers(stage, tmp_path):
     result = score(folder, prepared / "multi30k", beam_sizes=BEAMS)
     row = table[name]
     shared = set(result) - {"beams", "test_sentences", "truncated_test_src"}
-    assert shared >= {"sacrebleu_greedy", "sacrebleu_beam2", "chrf_greedy", "tok_lc_bleu_beam2", "test_ppl",
-                      "test_loss", "params", "sacrebleu_signature"}
+    assert shared >= {
+        "sacrebleu_greedy",
+        "sacrebleu_beam2",
+        "chrf_greedy",
+        "tok_lc_bleu_beam2",
+        "test_ppl",
+        "test_loss",
+        "params",
+        "sacrebleu_signature",
+    }
     assert {k: result[k] for k in shared} == {k: row[k] for k in shared}
     assert result["truncated_test_src"] == row["truncated"]["test_src"] and result["test_sentences"] == 1000
     assert [b["beam"] for b in result["beams"]] == BEAMS

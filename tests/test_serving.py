@@ -32,10 +32,25 @@ def post(url: str, body: bytes | str, timeout: float = 60) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(lm_store):  # noqa: F811
-    env = {**os.environ, "MLFLOW_TRACKING_URI": lm_store.uri, "OMP_NUM_THREADS": "1",
-           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/rnnlab-lm-ptb-lstm/latest",
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": lm_store.uri,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/rnnlab-lm-ptb-lstm/latest",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "{port}",
+    ]
     with local_service(cmd, lm_store.root / "serve.log", "/ping", env=env, cwd=lm_store.root) as (base, proc):
         yield base, proc
 
@@ -43,8 +58,12 @@ def server(lm_store):  # noqa: F811
 def test_http_generation_and_bad_requests(server):
     base, proc = server
     url = base + "/invocations"
-    body = {"inputs": [{"prompt": "the company said", "tokens": 8, "seed": 3},
-                       {"prompt": "the company said", "tokens": 8, "seed": 3}]}
+    body = {
+        "inputs": [
+            {"prompt": "the company said", "tokens": 8, "seed": 3},
+            {"prompt": "the company said", "tokens": 8, "seed": 3},
+        ]
+    }
     status, answer = post(url, json.dumps(body))
     assert status == 200, answer
     texts = [p["text"] for p in answer["predictions"]]
@@ -54,14 +73,15 @@ def test_http_generation_and_bad_requests(server):
         "empty prompt": '{"inputs": [{"prompt": "   "}]}',
         "wrong column": '{"inputs": [{"text": "the"}]}',
         "wrong shape": '{"data": [["the"]]}',
-        "a bare list": '[1, 2, 3]',
+        "a bare list": "[1, 2, 3]",
         "a string for records": '{"inputs": "the"}',
         "not JSON": "not json at all",
         "too many tokens": '{"inputs": [{"prompt": "the", "tokens": 100000}]}',
         "bad temperature": '{"inputs": [{"prompt": "the", "temperature": -1}]}',
         "too many records": json.dumps({"inputs": [{"prompt": "the", "tokens": 1}] * 65}),
-        "prompt too long": json.dumps({"inputs": [{"prompt": "the", "tokens": 1},
-                                                  {"prompt": "the " * 300, "tokens": 1}]}),
+        "prompt too long": json.dumps(
+            {"inputs": [{"prompt": "the", "tokens": 1}, {"prompt": "the " * 300, "tokens": 1}]}
+        ),
     }
     for what, payload in bad.items():
         status, answer = post(url, payload)
@@ -69,8 +89,10 @@ def test_http_generation_and_bad_requests(server):
         assert answer["message"], what
         assert "Traceback" not in json.dumps(answer), what
     assert "'prompt' must be a non-empty string" in post(url, bad["empty prompt"])[1]["message"]
-    for what, message in (("too many records", "65 records in one request; at most 64"),
-                          ("prompt too long", "record 1: 'prompt' is 1200 characters long; at most 1000")):
+    for what, message in (
+        ("too many records", "65 records in one request; at most 64"),
+        ("prompt too long", "record 1: 'prompt' is 1200 characters long; at most 1000"),
+    ):
         status, answer = post(url, bad[what])
         assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (what, status, answer)
         assert message in answer["message"], (what, answer)
@@ -120,8 +142,13 @@ def _save_pyfunc(task: str, checkpoint: Path, path: Path):
 
     from rnnlab.serving import SIGNATURES, WRAPPERS
 
-    mlflow.pyfunc.save_model(str(path), python_model=WRAPPERS[task](), artifacts={"checkpoint": str(checkpoint)},
-                             signature=SIGNATURES[task], pip_requirements=["rnnlab"])
+    mlflow.pyfunc.save_model(
+        str(path),
+        python_model=WRAPPERS[task](),
+        artifacts={"checkpoint": str(checkpoint)},
+        signature=SIGNATURES[task],
+        pip_requirements=["rnnlab"],
+    )
     return mlflow.pyfunc.load_model(str(path))
 
 
@@ -142,12 +169,27 @@ def test_translator_pyfunc_in_process(mirror, tmp_path):
     src_vocab = Vocab.build(words[0].tokenize(s) for s in train["src"])
     tgt_vocab = Vocab.build(words[1].tokenize(s) for s in train["tgt"])
     torch.manual_seed(0)
-    task = TranslationTask(len(src_vocab), len(tgt_vocab), src_vocab=src_vocab, tgt_vocab=tgt_vocab,
-                           src_tokenizer=words[0], tgt_tokenizer=words[1], embedding_size=16, hidden_size=16,
-                           num_layers=1, dropout=0.0, attention="bahdanau", lr=0.01, label_smoothing=0.0,
-                           decode_max_len=12).eval()
-    ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-            "pytorch-lightning_version": pl.__version__}
+    task = TranslationTask(
+        len(src_vocab),
+        len(tgt_vocab),
+        src_vocab=src_vocab,
+        tgt_vocab=tgt_vocab,
+        src_tokenizer=words[0],
+        tgt_tokenizer=words[1],
+        embedding_size=16,
+        hidden_size=16,
+        num_layers=1,
+        dropout=0.0,
+        attention="bahdanau",
+        lr=0.01,
+        label_smoothing=0.0,
+        decode_max_len=12,
+    ).eval()
+    ckpt = {
+        "state_dict": task.state_dict(),
+        "hyper_parameters": dict(task.hparams),
+        "pytorch-lightning_version": pl.__version__,
+    }
     task.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "model.ckpt")
     model = _save_pyfunc("translation", tmp_path / "model.ckpt", tmp_path / "pyfunc")
@@ -156,8 +198,10 @@ def test_translator_pyfunc_in_process(mirror, tmp_path):
     assert list(out.columns) == ["translation"]
     assert out["translation"][1] == task.translate([sentences[1]], beam_size=1)[0]
     assert out["translation"][0] == task.translate([sentences[0]], beam_size=2)[0]
-    for bad, message in ((pd.DataFrame({"text": [""]}), "non-empty string"),
-                         (pd.DataFrame({"text": ["a dog ."], "beam": [99]}), "'beam' must be an integer")):
+    for bad, message in (
+        (pd.DataFrame({"text": [""]}), "non-empty string"),
+        (pd.DataFrame({"text": ["a dog ."], "beam": [99]}), "'beam' must be an integer"),
+    ):
         with pytest.raises(MlflowException, match=message) as err:
             model.predict(bad)
         assert err.value.get_http_status_code() == 400
@@ -175,8 +219,19 @@ def test_captioner_pyfunc_in_process(mirror, tmp_path):
 
     vocab = Vocab.build([["a", "dog", "runs", "on", "the", "grass"]])
     torch.manual_seed(0)
-    task = CaptioningTask("soft_attention", len(vocab), 256, embedding_size=16, hidden_size=16, attention_size=16,
-                          dropout=0.0, max_len=8, encoder="small_cnn", vocab_fingerprint=vocab.fingerprint(), vocab=vocab)
+    task = CaptioningTask(
+        "soft_attention",
+        len(vocab),
+        256,
+        embedding_size=16,
+        hidden_size=16,
+        attention_size=16,
+        dropout=0.0,
+        max_len=8,
+        encoder="small_cnn",
+        vocab_fingerprint=vocab.fingerprint(),
+        vocab=vocab,
+    )
     ckpt = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}
     task.on_save_checkpoint(ckpt)
     torch.save(ckpt, tmp_path / "model.ckpt")
@@ -204,8 +259,9 @@ def test_request_limits_are_refused_before_anything_is_decoded(tmp_path, monkeyp
     calls = []
     monkeypatch.setattr(rnnlab.generate, "sample", lambda *a: calls.append(("sample", a)) or "x")
     real_b64decode = base64.b64decode
-    monkeypatch.setattr(serving.base64, "b64decode",
-                        lambda *a, **k: calls.append(("b64", a)) or real_b64decode(*a, **k))
+    monkeypatch.setattr(
+        serving.base64, "b64decode", lambda *a, **k: calls.append(("b64", a)) or real_b64decode(*a, **k)
+    )
 
     class NoModel:
         def translate(self, *a, **k):
@@ -231,9 +287,11 @@ def test_request_limits_are_refused_before_anything_is_decoded(tmp_path, monkeyp
     refused(translator, pd.DataFrame({"text": ["a dog ."] * 65}), "at most 64")
     refused(translator, pd.DataFrame({"text": ["a dog .", long_text]}), "record 1: 'text' is 1001 characters long")
     image = "A" * (serving.MAX_IMAGE_B64_CHARS + 4)  # base64 of 4 MiB + 3 bytes
-    refused(captioner, pd.DataFrame({"image": ["AAAA", image]}),
-            f"record 1: 'image' is {len(image)} base64 characters (about 4.0 MiB); "
-            f"at most {serving.MAX_IMAGE_B64_CHARS}")
+    refused(
+        captioner,
+        pd.DataFrame({"image": ["AAAA", image]}),
+        f"record 1: 'image' is {len(image)} base64 characters (about 4.0 MiB); at most {serving.MAX_IMAGE_B64_CHARS}",
+    )
     refused(captioner, pd.DataFrame({"image": ["AAAA"] * 65}), "at most 64")
     assert calls == []  # nothing was sampled, translated or base64-decoded
     # within the limits the records go through: exactly MAX_ROWS records, a text of MAX_TEXT_CHARS
@@ -241,6 +299,9 @@ def test_request_limits_are_refused_before_anything_is_decoded(tmp_path, monkeyp
     assert len(out) == serving.MAX_ROWS and len(calls) == serving.MAX_ROWS
     assert translator.predict(None, pd.DataFrame({"text": [long_text[:-1]]}))["translation"].tolist() == ["x"]
     # an image of exactly MAX_IMAGE_BYTES passes the size check and is decoded (then refused: not an image)
-    refused(captioner, pd.DataFrame({"image": [base64.b64encode(bytes(serving.MAX_IMAGE_BYTES)).decode()]}),
-            "record0: not an image")
+    refused(
+        captioner,
+        pd.DataFrame({"image": [base64.b64encode(bytes(serving.MAX_IMAGE_BYTES)).decode()]}),
+        "record0: not an image",
+    )
     assert calls[-1][0] == "b64"

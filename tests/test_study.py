@@ -118,8 +118,12 @@ def test_forget_gate_bias_is_set_in_both_lstm_implementations():
     lstm = build_language_model("lstm", 10, embedding_size=4, hidden_size=4, num_layers=2, dropout=0.0)
     hand = build_language_model("lstm_peephole", 10, embedding_size=4, hidden_size=4, num_layers=2, dropout=0.0)
     assert set_forget_gate_bias(lstm, 3.0) == 2 and set_forget_gate_bias(hand, 3.0) == 2
-    assert set_forget_gate_bias(build_language_model("rnn", 10, embedding_size=4, hidden_size=4, num_layers=1,
-                                                     dropout=0.0), 3.0) == 0
+    assert (
+        set_forget_gate_bias(
+            build_language_model("rnn", 10, embedding_size=4, hidden_size=4, num_layers=1, dropout=0.0), 3.0
+        )
+        == 0
+    )
     total_f_bias = lstm.rnn.bias_ih_l1[4:8] + lstm.rnn.bias_hh_l1[4:8]
     assert torch.allclose(total_f_bias, torch.full((4,), 3.0))
     assert torch.allclose(hand.layers[1].bias[4:8], torch.full((4,), 3.0))

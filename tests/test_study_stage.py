@@ -10,8 +10,17 @@ from rnnlab.study.stage import parse_study_config, run_study
 
 TINY = {
     "corpus": "ptb",
-    "gradient_flow": {"embedding_size": 32, "hidden_size": 32, "window": 32, "report_lag": 30, "batch_size": 8,
-                      "num_windows": 2, "train_steps": 60, "train_batch_size": 16, "bptt": 20},
+    "gradient_flow": {
+        "embedding_size": 32,
+        "hidden_size": 32,
+        "window": 32,
+        "report_lag": 30,
+        "batch_size": 8,
+        "num_windows": 2,
+        "train_steps": 60,
+        "train_batch_size": 16,
+        "bptt": 20,
+    },
     "long_lag": {"lags": [2, 20], "steps": 250, "hidden_size": 16},
     "clipping": {"steps": 40, "lr": 2.0, "hidden_size": 32, "batch_size": 16, "bptt": 20},
 }

@@ -32,8 +32,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from local_server import free_port
+
 from rnnlab.tracking import md5_path, tracked_run
 
 pytestmark = pytest.mark.slow
@@ -64,22 +64,36 @@ class TrackingSetup:
         while self.port == self.pg_port:
             self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "TRACKING_DIR": str(self.dir), "TRACKING_PG_PORT": str(self.pg_port),
-                    "TRACKING_MLFLOW_PORT": str(self.port), "TRACKING_AUTH": "1" if auth else "0",
-                    "TRACKING_MLFLOW_WORKERS": "1", "TRACKING_PYTHON": sys.executable,
-                    "TRACKING_START_TIMEOUT": str(START_TIMEOUT)}
-        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                    "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        self.env = {
+            **os.environ,
+            "TRACKING_DIR": str(self.dir),
+            "TRACKING_PG_PORT": str(self.pg_port),
+            "TRACKING_MLFLOW_PORT": str(self.port),
+            "TRACKING_AUTH": "1" if auth else "0",
+            "TRACKING_MLFLOW_WORKERS": "1",
+            "TRACKING_PYTHON": sys.executable,
+            "TRACKING_START_TIMEOUT": str(START_TIMEOUT),
+        }
+        for key in (
+            "MLFLOW_TRACKING_URI",
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_AUTH_ADMIN_USERNAME",
+            "MLFLOW_AUTH_ADMIN_PASSWORD",
+        ):
             self.env.pop(key, None)
         if admin:
             self.env.update(MLFLOW_AUTH_ADMIN_USERNAME=admin[0], MLFLOW_AUTH_ADMIN_PASSWORD=admin[1])
 
     def script(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(SCRIPT), *args], env=self.env, capture_output=True, text=True,
-                              timeout=START_TIMEOUT + 60)
+        proc = subprocess.run(
+            [str(SCRIPT), *args], env=self.env, capture_output=True, text=True, timeout=START_TIMEOUT + 60
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"tracking-server {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{self.log_tail()}")
+            raise AssertionError(
+                f"tracking-server {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{self.log_tail()}"
+            )
         return proc
 
     def log_tail(self) -> str:
@@ -98,8 +112,11 @@ class TrackingSetup:
         import psycopg2
 
         password = (self.dir / "pgpass").read_text().strip().split(":")[4]
-        with contextlib.closing(psycopg2.connect(host="127.0.0.1", port=self.pg_port, dbname=db,
-                                                 user="mlflow", password=password, connect_timeout=5)) as conn:
+        with contextlib.closing(
+            psycopg2.connect(
+                host="127.0.0.1", port=self.pg_port, dbname=db, user="mlflow", password=password, connect_timeout=5
+            )
+        ) as conn:
             with conn.cursor() as cur:
                 cur.execute(query, args)
                 return cur.fetchall()
@@ -184,8 +201,11 @@ def auth_server():
 def tracking_env(monkeypatch):
     """The environment a stage sees; the MLflow HTTP settings tracked_run sets are restored after."""
     monkeypatch.setenv("RNNLAB_MLFLOW_RETRY_S", "0.5")
-    for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():
+    for key, value in {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    }.items():
         monkeypatch.setenv(key, value)
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -208,9 +228,16 @@ def test_tracked_run_params_metrics_tags_artifacts_and_model_land_in_postgres(se
     history = tmp_path / "history.json"
     history.write_text(json.dumps([{"epoch": 1, "val_ppl": 310.5}]))
 
-    with tracked_run("train_lm/ptb-lstm", "train_lm", experiment="team-scale", enabled=True, root=tmp_path,
-                     params={"model": {"hidden_size": 32, "dropout": 0.25}, "prepared": str(tmp_path / "data")},
-                     data_deps=[data], tags={"team": "nlp"}) as tracker:
+    with tracked_run(
+        "train_lm/ptb-lstm",
+        "train_lm",
+        experiment="team-scale",
+        enabled=True,
+        root=tmp_path,
+        params={"model": {"hidden_size": 32, "dropout": 0.25}, "prepared": str(tmp_path / "data")},
+        data_deps=[data],
+        tags={"team": "nlp"},
+    ) as tracker:
         for step in range(1, 6):
             tracker.log_metrics({"train/loss": 6.0 / step, "lr": 20.0}, step=step)
         tracker.log_artifact(history)
@@ -224,8 +251,9 @@ def test_tracked_run_params_metrics_tags_artifacts_and_model_land_in_postgres(se
     assert run.data.params == {"model.hidden_size": "32", "model.dropout": "0.25", "prepared": "data"}
     assert run.data.tags["dvc_stage"] == "train_lm" and run.data.tags["team"] == "nlp"
     assert run.data.tags["data_md5.data/train.txt"] == md5_path(data)
-    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == \
-        [(s, pytest.approx(6.0 / s)) for s in range(1, 6)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
+        (s, pytest.approx(6.0 / s)) for s in range(1, 6)
+    ]
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")  # through the server's proxy
     assert {a.path for a in client.list_artifacts(run_id)} == {"history.json", "model"}
     assert {a.path for a in client.list_artifacts(run_id, "model")} == {"model/model.ckpt", "model/vocab.json"}
@@ -241,7 +269,9 @@ def test_tracked_run_params_metrics_tags_artifacts_and_model_land_in_postgres(se
     assert (fetched / "vocab.json").read_text() == (model / "vocab.json").read_text()
 
     # And it is all in PostgreSQL itself (no local store anywhere).
-    assert server.sql("SELECT status, name FROM runs WHERE run_uuid = %s", run_id) == [("FINISHED", "train_lm/ptb-lstm")]
+    assert server.sql("SELECT status, name FROM runs WHERE run_uuid = %s", run_id) == [
+        ("FINISHED", "train_lm/ptb-lstm")
+    ]
     assert dict(server.sql("SELECT key, value FROM params WHERE run_uuid = %s", run_id))["model.hidden_size"] == "32"
     assert server.sql("SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'train/loss'", run_id) == [(5,)]
     assert server.sql("SELECT value FROM tags WHERE run_uuid = %s AND key = 'team'", run_id) == [("nlp",)]
@@ -263,8 +293,14 @@ class KeepsLogging(threading.Thread):
 
     def run(self):
         try:
-            with tracked_run(self.run_name, "train_lm", experiment="team-scale-outages", root=self.root,
-                             params={"hidden_size": 32}, tags={"outage": self.run_name}) as tracker:
+            with tracked_run(
+                self.run_name,
+                "train_lm",
+                experiment="team-scale-outages",
+                root=self.root,
+                params={"hidden_size": 32},
+                tags={"outage": self.run_name},
+            ) as tracker:
                 self.tracker = tracker
                 step = 0
                 while not self.stop.is_set():
@@ -293,13 +329,18 @@ def _through_an_outage(server, tmp_path, name: str, go_down, come_back):
         assert run.tracker.outages == 0  # (queued_calls is 1 for an instant during each call)
         go_down()
         # The tracker notices by itself (a call fails), keeps the run going and queues.
-        wait_until(lambda: run.tracker.down_since is not None or not run.is_alive(), 120, "the tracker to see the outage")
+        wait_until(
+            lambda: run.tracker.down_since is not None or not run.is_alive(), 120, "the tracker to see the outage"
+        )
         run.wait_logged(20, "20 points logged during the outage")
         assert run.tracker.queued_metrics > 0
         come_back()
         # The queue drains while the run goes on (re-sent in order), not only at its end.
-        wait_until(lambda: (run.tracker.down_since is None and run.tracker.queued_calls == 0) or not run.is_alive(),
-                   180, "the queue to be re-sent after the outage")
+        wait_until(
+            lambda: (run.tracker.down_since is None and run.tracker.queued_calls == 0) or not run.is_alive(),
+            180,
+            "the queue to be re-sent after the outage",
+        )
         run.wait_logged(20, "20 points after the outage")
     finally:
         run.stop.set()
@@ -351,8 +392,9 @@ def test_postgres_killed_mid_run_loses_no_metric_point(server, tracking_env, tmp
 
 
 def _request(url: str, body: dict | None = None, auth: tuple[str, str] | None = None) -> int:
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=None if body is None else json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
     try:
@@ -390,8 +432,14 @@ def test_basic_auth_refuses_anonymous_writes_and_logs_with_env_credentials(auth_
     tracking_env.setenv("MLFLOW_TRACKING_PASSWORD", alice[1])
     note = tmp_path / "note.txt"
     note.write_text("logged with credentials\n")
-    with tracked_run("with-credentials", "train_lm", experiment="team-auth", root=tmp_path,
-                     params={"hidden_size": 32, "tracking": {"enabled": True}}, tags={"team": "nlp"}) as tracker:
+    with tracked_run(
+        "with-credentials",
+        "train_lm",
+        experiment="team-auth",
+        root=tmp_path,
+        params={"hidden_size": 32, "tracking": {"enabled": True}},
+        tags={"team": "nlp"},
+    ) as tracker:
         tracker.log_metrics({"train/loss": 1.5}, step=1)
         tracker.log_artifact(note)
         run_id = tracker.run_id
@@ -405,8 +453,9 @@ def test_basic_auth_refuses_anonymous_writes_and_logs_with_env_credentials(auth_
     for password in (alice[1], admin[1]):
         logged = json.dumps([run.data.params, run.data.tags])
         assert password not in logged
-        assert auth_server.sql("SELECT count(*) FROM params WHERE value LIKE %s OR key LIKE %s",
-                               f"%{password}%", f"%{password}%") == [(0,)]
+        assert auth_server.sql(
+            "SELECT count(*) FROM params WHERE value LIKE %s OR key LIKE %s", f"%{password}%", f"%{password}%"
+        ) == [(0,)]
         assert auth_server.sql("SELECT count(*) FROM tags WHERE value LIKE %s", f"%{password}%") == [(0,)]
         assert password not in (auth_server.dir / "mlflow.log").read_text(errors="replace")
     # The auth app's users are in PostgreSQL too (database mlflow_auth), passwords only hashed.

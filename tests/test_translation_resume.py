@@ -45,10 +45,24 @@ def params() -> dict:
         "tracking": {"enabled": True},  # the sqlite store in the run's folder (its cwd)
         "trainer": {"num_threads": 1, "checkpoint_every_n_steps": EVERY},
         "train_seq2seq": {
-            "defaults": {"tokenizer": "bpe", "bpe_vocab_size": 400, "embedding_size": 32, "hidden_size": 32,
-                         "max_len": 20, "batch_size": 32, "max_epochs": STEPS // 8, "limit_train_batches": 8,
-                         "lr": 0.01, "dropout": 0.3, "teacher_forcing": 0.8, "beam_sizes": [1, 2], "heatmaps": 1,
-                         "max_train_pairs": 300, "max_val_pairs": 60, "patience": 5},
+            "defaults": {
+                "tokenizer": "bpe",
+                "bpe_vocab_size": 400,
+                "embedding_size": 32,
+                "hidden_size": 32,
+                "max_len": 20,
+                "batch_size": 32,
+                "max_epochs": STEPS // 8,
+                "limit_train_batches": 8,
+                "lr": 0.01,
+                "dropout": 0.3,
+                "teacher_forcing": 0.8,
+                "beam_sizes": [1, 2],
+                "heatmaps": 1,
+                "max_train_pairs": 300,
+                "max_val_pairs": 60,
+                "patience": 5,
+            },
             "runs": {RUN: {"attention": "bahdanau"}},
         },
     }
@@ -56,8 +70,14 @@ def params() -> dict:
 
 def start(out: Path, prepared: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(params()), RUN, str(out), str(prepared)],
-                            cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, json.dumps(params()), RUN, str(out), str(prepared)],
+        cwd=out,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -122,10 +142,19 @@ def test_killed_run_resumes_to_the_same_numbers(prepared, tmp_path):
     log = finish(start(run_dir, prepared))
     assert f"resuming from {resume_dir / f'step-{kill_step:09d}.ckpt'}" in log, log[-3000:]
     resumed = json.loads((run_dir / "metrics" / f"{RUN}.json").read_text())
-    exact = sorted(k for k in reference
-                   if k not in TIMING and k != "model_path" and not k.startswith("sentences_per_s_"))
-    assert {"val_ppl", "test_ppl", "sacrebleu_greedy", "sacrebleu_beam2", "chrf_beam2", "tok_lc_bleu_greedy",
-            "val_sacrebleu_best", "steps"} <= set(exact)
+    exact = sorted(
+        k for k in reference if k not in TIMING and k != "model_path" and not k.startswith("sentences_per_s_")
+    )
+    assert {
+        "val_ppl",
+        "test_ppl",
+        "sacrebleu_greedy",
+        "sacrebleu_beam2",
+        "chrf_beam2",
+        "tok_lc_bleu_greedy",
+        "val_sacrebleu_best",
+        "steps",
+    } <= set(exact)
     assert {k: resumed[k] for k in exact} == {k: reference[k] for k in exact}
     assert sorted(resumed) == sorted(reference)
 
@@ -141,5 +170,7 @@ def test_killed_run_resumes_to_the_same_numbers(prepared, tmp_path):
         assert (folder / name).read_text() == (ref_folder / name).read_text()
     assert not resume_dir.exists()
     assert_one_mlflow_run_continued(run_dir / "mlflow.db", "rnnlab-seq2seq", resumed)
-    print(f"resumed row == uninterrupted row on {len(exact)} keys: val_ppl {resumed['val_ppl']}, test_ppl "
-          f"{resumed['test_ppl']}, sacrebleu greedy/beam2 {resumed['sacrebleu_greedy']}/{resumed['sacrebleu_beam2']}")
+    print(
+        f"resumed row == uninterrupted row on {len(exact)} keys: val_ppl {resumed['val_ppl']}, test_ppl "
+        f"{resumed['test_ppl']}, sacrebleu greedy/beam2 {resumed['sacrebleu_greedy']}/{resumed['sacrebleu_beam2']}"
+    )

@@ -21,8 +21,15 @@ from tiny_lm_store import lm_store  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-                "--disable-dev-shm-usage", "--window-size=1400,1000"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,1000",
+]
 
 
 def find_chromium() -> str:
@@ -45,8 +52,16 @@ def chromium(browser: str, profile: Path, url: str, *action: str) -> subprocess.
 def ui(lm_store):  # noqa: F811
     browser = find_chromium()
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", lm_store.uri, "--host", "127.0.0.1",
-           "--port", "{port}"]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        lm_store.uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+    ]
     with local_service(cmd, lm_store.root / "ui.log", "/health", env=env, cwd=lm_store.root) as (base, _):
         yield browser, base
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from lm_helpers import train_lm_run
+
 from rnnlab.cli import main as cli_main
 from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
 from rnnlab.stages.train import train_stage
@@ -43,10 +43,24 @@ PATIENCE, MAX_EPOCHS, BATCHES = 2, 10, 8
 # Word tokenizer, 128 train / 60 val / 50 test pairs, 8 batches of 16 per epoch (measured: val BLEU
 # 0.08 0.33 0.54 1.48 1.84 1.91 2.12 1.70 2.10, best at epoch 7, stopped after epoch 9; val/loss
 # keeps falling, so monitoring it would keep epoch 9 instead).
-S2S_RUN = {"tokenizer": "word", "min_freq": 1, "embedding_size": 32, "hidden_size": 64, "max_len": 20,
-           "batch_size": 16, "max_epochs": MAX_EPOCHS, "limit_train_batches": BATCHES, "lr": 0.01, "beam_sizes": [1],
-           "heatmaps": 0, "max_train_pairs": 128, "max_val_pairs": 60, "max_test_pairs": 50,
-           "monitor": "val/bleu", "patience": PATIENCE}
+S2S_RUN = {
+    "tokenizer": "word",
+    "min_freq": 1,
+    "embedding_size": 32,
+    "hidden_size": 64,
+    "max_len": 20,
+    "batch_size": 16,
+    "max_epochs": MAX_EPOCHS,
+    "limit_train_batches": BATCHES,
+    "lr": 0.01,
+    "beam_sizes": [1],
+    "heatmaps": 0,
+    "max_train_pairs": 128,
+    "max_val_pairs": 60,
+    "max_test_pairs": 50,
+    "monitor": "val/bleu",
+    "patience": PATIENCE,
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +82,24 @@ def s2s(tmp_path_factory, mirror):
         calls.append({"hyps": list(hyps), "refs": list(refs), "score": score})
         return score
 
-    params = {"seed": 7, "tracking": {"enabled": False}, "trainer": {"num_threads": 1, "checkpoint_every_n_steps": 0},
-              "train_seq2seq": {"defaults": {}, "runs": {"run": S2S_RUN}}}
+    params = {
+        "seed": 7,
+        "tracking": {"enabled": False},
+        "trainer": {"num_threads": 1, "checkpoint_every_n_steps": 0},
+        "train_seq2seq": {"defaults": {}, "runs": {"run": S2S_RUN}},
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(translation, "sentence_sacrebleu", recording)
-        row = train_stage(params, "train_seq2seq", "run", StagePaths(prepared=prepared), root / "models",
-                          root / "metrics.json", root / "plots.json", root / "checkpoints")
+        row = train_stage(
+            params,
+            "train_seq2seq",
+            "run",
+            StagePaths(prepared=prepared),
+            root / "models",
+            root / "metrics.json",
+            root / "plots.json",
+            root / "checkpoints",
+        )
     return root / "models" / "run", prepared, row, calls
 
 
@@ -136,11 +162,26 @@ def test_monitor_val_bleu_keeps_the_best_bleu_epoch_and_stops_early(s2s, mirror)
 @pytest.fixture(scope="module")
 def char_lm(tmp_path_factory, mirror):
     out = tmp_path_factory.mktemp("char-lm")
-    metrics = prepare_corpora(parse_prepare_config({"corpora": ["tinyshakespeare"], "vocab": {}}), mirror,
-                              out / "prepared")["tinyshakespeare"]
-    row = train_lm_run(out / "prepared" / "tinyshakespeare", out, "ts-lstm", seed=5, model="lstm", optimizer="adam",
-                       lr=0.005, embedding_size=16, hidden_size=64, batch_size=16, bptt=32, limit_train_batches=300,
-                       eval_fraction=0.1, samples=1, trainer={"checkpoint_every_n_steps": 0})
+    metrics = prepare_corpora(
+        parse_prepare_config({"corpora": ["tinyshakespeare"], "vocab": {}}), mirror, out / "prepared"
+    )["tinyshakespeare"]
+    row = train_lm_run(
+        out / "prepared" / "tinyshakespeare",
+        out,
+        "ts-lstm",
+        seed=5,
+        model="lstm",
+        optimizer="adam",
+        lr=0.005,
+        embedding_size=16,
+        hidden_size=64,
+        batch_size=16,
+        bptt=32,
+        limit_train_batches=300,
+        eval_fraction=0.1,
+        samples=1,
+        trainer={"checkpoint_every_n_steps": 0},
+    )
     return out, metrics, row
 
 
@@ -198,8 +239,9 @@ def test_wikitext2_prepare_has_the_published_counts(tmp_path, mirror):
     raw = mirror / "wikitext2"
     expected = {"train": (36_718, 2_088_628), "valid": (3_760, 217_646), "test": (4_358, 245_569)}
     assert manifest_counts(raw / "MANIFEST.md") == expected
-    metrics = prepare_corpora(parse_prepare_config({"corpora": ["wikitext2"], "vocab": {}}), mirror,
-                              tmp_path)["wikitext2"]
+    metrics = prepare_corpora(parse_prepare_config({"corpora": ["wikitext2"], "vocab": {}}), mirror, tmp_path)[
+        "wikitext2"
+    ]
     folder = tmp_path / "wikitext2"
     vocab = json.loads((folder / "vocab.json").read_text())["itos"]
     train_words = set((raw / "wiki.train.tokens").read_text(encoding="utf-8").split())
@@ -230,30 +272,60 @@ def captioner(tmp_path_factory, mirror):
     subset = table[table.image.isin(keep)].reset_index(drop=True)
     (root / "prepared" / "flickr8k").mkdir(parents=True)
     subset.to_parquet(root / "prepared" / "flickr8k" / "captions.parquet")
-    extract_features(mirror / "flickr8k" / "images", sorted(keep), root / "features" / "features.npy",
-                     root / "features" / "features.json", batch_size=3, num_workers=0)
-    run = {"decoder": "show_tell", "embedding_size": 8, "hidden_size": 8, "batch_size": 1, "max_epochs": 1,
-           "min_freq": 1, "max_len": 8, "beam_sizes": [1], "grid_images": 0, "coco_metrics": False}
-    params = {"seed": 1, "tracking": {"enabled": False}, "trainer": {"num_threads": 1},
-              "train_captioner": {"defaults": {}, "runs": {"run": run}}}
-    train_stage(params, "train_captioner", "run", StagePaths(prepared=root / "prepared", features=root / "features",
-                                                             raw=mirror), root / "models", root / "metrics.json",
-                root / "plots.json", root / "checkpoints")
+    extract_features(
+        mirror / "flickr8k" / "images",
+        sorted(keep),
+        root / "features" / "features.npy",
+        root / "features" / "features.json",
+        batch_size=3,
+        num_workers=0,
+    )
+    run = {
+        "decoder": "show_tell",
+        "embedding_size": 8,
+        "hidden_size": 8,
+        "batch_size": 1,
+        "max_epochs": 1,
+        "min_freq": 1,
+        "max_len": 8,
+        "beam_sizes": [1],
+        "grid_images": 0,
+        "coco_metrics": False,
+    }
+    params = {
+        "seed": 1,
+        "tracking": {"enabled": False},
+        "trainer": {"num_threads": 1},
+        "train_captioner": {"defaults": {}, "runs": {"run": run}},
+    }
+    train_stage(
+        params,
+        "train_captioner",
+        "run",
+        StagePaths(prepared=root / "prepared", features=root / "features", raw=mirror),
+        root / "models",
+        root / "metrics.json",
+        root / "plots.json",
+        root / "checkpoints",
+    )
     return root / "models" / "run", mirror / "flickr8k" / "images" / keep[2]
 
 
 NO_TOKENS_CHECK = "rnnlab generate does not check --tokens: 0 or a negative count prints an empty line, exit 0"
 
 
-@pytest.mark.parametrize("command, option, value", [
-    ("translate", "--beam", "0"),
-    ("translate", "--beam", "-2"),
-    ("caption", "--beam", "0"),
-    pytest.param("generate", "--tokens", "0", marks=pytest.mark.xfail(strict=True, reason=NO_TOKENS_CHECK)),
-    pytest.param("generate", "--tokens", "-3", marks=pytest.mark.xfail(strict=True, reason=NO_TOKENS_CHECK)),
-    ("generate", "--temperature", "0"),
-    ("generate", "--temperature", "-1"),
-])
+@pytest.mark.parametrize(
+    "command, option, value",
+    [
+        ("translate", "--beam", "0"),
+        ("translate", "--beam", "-2"),
+        ("caption", "--beam", "0"),
+        pytest.param("generate", "--tokens", "0", marks=pytest.mark.xfail(strict=True, reason=NO_TOKENS_CHECK)),
+        pytest.param("generate", "--tokens", "-3", marks=pytest.mark.xfail(strict=True, reason=NO_TOKENS_CHECK)),
+        ("generate", "--temperature", "0"),
+        ("generate", "--temperature", "-1"),
+    ],
+)
 def test_cli_rejects_out_of_range_options(command, option, value, request, capsys):
     """Exit code 2 and one line naming the option (no traceback), with a real model of each kind."""
     if command == "translate":

@@ -51,8 +51,9 @@ def test_prepared_lm_vocab_maps_a_valid_only_word_to_unk(tmp_path, mirror):
     train_words = {w for line in lines["train"] for w in line.split()}
     valid_tokens = [w for line in lines["valid"] for w in (*line.split(), "<eos>")]
     assert "sotheby" not in train_words and valid_tokens.count("sotheby") == 10
-    metrics = prepare_corpora(parse_prepare_config({"corpora": ["ptb"], "vocab": {}}), tmp_path / "raw",
-                              tmp_path / "prepared")["ptb"]
+    metrics = prepare_corpora(
+        parse_prepare_config({"corpora": ["ptb"], "vocab": {}}), tmp_path / "raw", tmp_path / "prepared"
+    )["ptb"]
     vocab = Vocab.load(tmp_path / "prepared" / "ptb" / "vocab.json")
     assert set(vocab.itos[4:]) == train_words - {"<unk>"} and "sotheby" not in vocab
     valid = np.load(tmp_path / "prepared" / "ptb" / "valid.npy")
@@ -89,8 +90,10 @@ def test_prepared_vocab_maps_a_valid_only_word_to_unk(prepared_multi30k, mirror)
     folder, metrics = prepared_multi30k
     raw = mirror / "multi30k" / "raw"
     for lang, side, word, counts in (("en", "src", "regalia", (0, 2, 1)), ("de", "tgt", "rastalocken", (0, 3, 0))):
-        assert tuple(_word_count(raw / f"{stem}.{lang}.gz", word) for stem in ("train", "val", "test_2016_flickr")) \
+        assert (
+            tuple(_word_count(raw / f"{stem}.{lang}.gz", word) for stem in ("train", "val", "test_2016_flickr"))
             == counts
+        )
         vocab = Vocab.load(folder / f"vocab.{side}.json")
         assert word not in vocab and vocab.encode([word]) == [vocab.unk_id]
         assert vocab.encode(["ein" if lang == "de" else "a"]) != [vocab.unk_id]  # a train word keeps its id

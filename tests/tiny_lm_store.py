@@ -20,10 +20,21 @@ TINY_PARAMS = {
     "trainer": {"progress_bar": False, "checkpoint_every_n_steps": 0, "resume": False},
     "train_lm": {
         "experiment": "rnnlab-lm",
-        "defaults": {"embedding_size": 16, "hidden_size": 16, "num_layers": 1, "dropout": 0.0, "batch_size": 16,
-                     "eval_batch_size": 10, "bptt": 20, "train_fraction": 0.02, "limit_train_batches": 10},
-        "runs": {"ptb-lstm": {"corpus": "ptb", "model": "lstm"},
-                 "ptb-ngram": {"corpus": "ptb", "model": "ngram", "order": 3}},
+        "defaults": {
+            "embedding_size": 16,
+            "hidden_size": 16,
+            "num_layers": 1,
+            "dropout": 0.0,
+            "batch_size": 16,
+            "eval_batch_size": 10,
+            "bptt": 20,
+            "train_fraction": 0.02,
+            "limit_train_batches": 10,
+        },
+        "runs": {
+            "ptb-lstm": {"corpus": "ptb", "model": "lstm"},
+            "ptb-ngram": {"corpus": "ptb", "model": "ngram", "order": 3},
+        },
     },
     # lm_batch_size / lm_bptt = the training run's eval_batch_size / bptt: evaluate must reproduce its test ppl
     "evaluate": {"experiment": "rnnlab-evaluate", "lm_batch_size": 10, "lm_bptt": 20, "sample_tokens": 12},
@@ -64,10 +75,24 @@ def tiny_store(prepared_root: Path) -> Store:
     paths = StagePaths(prepared=prepared_root)
     with chdir_env(root, uri):
         for name in TINY_PARAMS["train_lm"]["runs"]:
-            train_stage(TINY_PARAMS, "train_lm", name, paths, Path("data/models/lm"),
-                        Path(f"data/metrics/train_lm/{name}.json"), Path(f"data/plots/train_lm/{name}.json"))
-        table = evaluate_stage(TINY_PARAMS, paths, Path("data/models"), Path("data/metrics"),
-                               Path("data/metrics/evaluate.json"), Path("data/reports"), Path("data/plots/evaluate"))
+            train_stage(
+                TINY_PARAMS,
+                "train_lm",
+                name,
+                paths,
+                Path("data/models/lm"),
+                Path(f"data/metrics/train_lm/{name}.json"),
+                Path(f"data/plots/train_lm/{name}.json"),
+            )
+        table = evaluate_stage(
+            TINY_PARAMS,
+            paths,
+            Path("data/models"),
+            Path("data/metrics"),
+            Path("data/metrics/evaluate.json"),
+            Path("data/reports"),
+            Path("data/plots/evaluate"),
+        )
     return Store(root, uri, TINY_PARAMS, table)
 
 

@@ -70,30 +70,47 @@ def main(argv: list[str] | None = None) -> None:
     p_repr.add_argument("sentence")
     p_repr.add_argument("--vocab", default="data/prepared/ptb/vocab.json")
     p_gen = sub.add_parser("generate", help="sample text from a trained language model")
-    p_gen.add_argument("--run", required=True, help="MLflow run id, train_lm model folder (neural or n-gram) or model.ckpt")
+    p_gen.add_argument(
+        "--run", required=True, help="MLflow run id, train_lm model folder (neural or n-gram) or model.ckpt"
+    )
     p_gen.add_argument("--prompt", default="")
     p_gen.add_argument("--tokens", type=int, default=50)
     p_gen.add_argument("--temperature", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int, default=0)
     p_tr = sub.add_parser("translate", help="English -> German with a train_seq2seq model (stdin when no sentence)")
-    p_tr.add_argument("sentence", nargs="?",
-                      help="English sentence; omitted: translate --input (or stdin) line by line")
-    p_tr.add_argument("--input", default=None, metavar="FILE",
-                      help="UTF-8 text file, one English sentence a line (output line i for input line i)")
+    p_tr.add_argument(
+        "sentence", nargs="?", help="English sentence; omitted: translate --input (or stdin) line by line"
+    )
+    p_tr.add_argument(
+        "--input",
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text file, one English sentence a line (output line i for input line i)",
+    )
     p_tr.add_argument("--output", default=None, metavar="FILE", help="write the translations here (default: stdout)")
     p_tr.add_argument("--beam", type=int, default=5, help="beam size (1 = greedy; at most rnnlab.serving.MAX_BEAM)")
     p_tr.add_argument("--batch-size", type=int, default=256, help="lines translated together (default 256)")
-    p_tr.add_argument("--run", default=None, help="train_seq2seq model folder, model.ckpt or MLflow run id "
-                      "(default: data/models/seq2seq/multi30k-attention)")
-    p_cap = sub.add_parser("caption",
-                           help="caption an image file, or every image of a folder, with a train_captioner model")
+    p_tr.add_argument(
+        "--run",
+        default=None,
+        help="train_seq2seq model folder, model.ckpt or MLflow run id "
+        "(default: data/models/seq2seq/multi30k-attention)",
+    )
+    p_cap = sub.add_parser(
+        "caption", help="caption an image file, or every image of a folder, with a train_captioner model"
+    )
     p_cap.add_argument("image", help="path to a JPEG/PNG image, or a folder of images (then one JSON line per image)")
-    p_cap.add_argument("--out", default=None, metavar="FILE",
-                       help="JSON lines {image, caption} for a folder (default: stdout)")
+    p_cap.add_argument(
+        "--out", default=None, metavar="FILE", help="JSON lines {image, caption} for a folder (default: stdout)"
+    )
     p_cap.add_argument("--beam", type=int, default=3, help="beam size (1 = greedy; at most rnnlab.serving.MAX_BEAM)")
     p_cap.add_argument("--batch-size", type=int, default=32, help="images loaded and captioned together (default 32)")
-    p_cap.add_argument("--run", default=None, help="train_captioner model folder, model.ckpt or MLflow run id "
-                       "(default: data/models/captioner/flickr8k-soft_attention)")
+    p_cap.add_argument(
+        "--run",
+        default=None,
+        help="train_captioner model folder, model.ckpt or MLflow run id "
+        "(default: data/models/captioner/flickr8k-soft_attention)",
+    )
     args = parser.parse_args(argv)
     setup_logging(logging.WARNING)
     try:
@@ -112,8 +129,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "translate":
             from rnnlab.tasks.translation import translate_command
 
-            translate_command(args.sentence, check_beam(args.beam), args.run, input_path=args.input,
-                              output_path=args.output, batch_size=args.batch_size)
+            translate_command(
+                args.sentence,
+                check_beam(args.beam),
+                args.run,
+                input_path=args.input,
+                output_path=args.output,
+                batch_size=args.batch_size,
+            )
         elif args.command == "caption":
             from pathlib import Path
 

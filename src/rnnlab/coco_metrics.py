@@ -61,9 +61,11 @@ def _as_items(hypotheses, references) -> tuple[list[str], list[str], list[list[s
         if isinstance(references, Mapping):
             if set(references) != set(ids):
                 missing, extra = set(ids) - set(references), set(references) - set(ids)
-                raise RnnlabError(f"hypothesis and reference ids differ: {len(missing)} ids without references "
-                                  f"(e.g. {sorted(map(str, missing))[:3]}), {len(extra)} references without a "
-                                  f"hypothesis (e.g. {sorted(map(str, extra))[:3]})")
+                raise RnnlabError(
+                    f"hypothesis and reference ids differ: {len(missing)} ids without references "
+                    f"(e.g. {sorted(map(str, missing))[:3]}), {len(extra)} references without a "
+                    f"hypothesis (e.g. {sorted(map(str, extra))[:3]})"
+                )
             refs = [references[k] for k in ids]
         else:
             refs = references
@@ -84,8 +86,10 @@ def _as_items(hypotheses, references) -> tuple[list[str], list[str], list[list[s
         if not isinstance(hyp, str):
             raise RnnlabError(f"hypothesis {key!r} is a {type(hyp).__name__}, not a string")
         if isinstance(rs, str) or not isinstance(rs, Sequence):
-            raise RnnlabError(f"references of {key!r} must be a list of strings, not {type(rs).__name__} "
-                              "(pass one list of references per hypothesis)")
+            raise RnnlabError(
+                f"references of {key!r} must be a list of strings, not {type(rs).__name__} "
+                "(pass one list of references per hypothesis)"
+            )
         if len(rs) == 0:
             raise RnnlabError(f"hypothesis {key!r} has no references")
         for r in rs:
@@ -118,8 +122,15 @@ def ptb_tokenize(texts: Sequence[str], timeout_s: float = 300.0) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="rnnlab-ptb-") as tmp:
         path = Path(tmp) / "captions.txt"
         path.write_text("\n".join(lines), encoding="utf-8")
-        cmd = [java, "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase",
-               str(path)]
+        cmd = [
+            java,
+            "-cp",
+            str(jar),
+            "edu.stanford.nlp.process.PTBTokenizer",
+            "-preserveLines",
+            "-lowerCase",
+            str(path),
+        ]
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
@@ -131,8 +142,10 @@ def ptb_tokenize(texts: Sequence[str], timeout_s: float = 300.0) -> list[str]:
     if out and out[-1] == "":
         out.pop()  # the final newline
     if len(out) != len(texts):
-        raise RnnlabError(f"PTB tokenizer returned {len(out)} lines for {len(texts)} captions: "
-                          "refusing to pair tokenised captions with the wrong images")
+        raise RnnlabError(
+            f"PTB tokenizer returned {len(out)} lines for {len(texts)} captions: "
+            "refusing to pair tokenised captions with the wrong images"
+        )
     return [" ".join(w for w in line.rstrip().split(" ") if w not in _ptb.PUNCTUATIONS) for line in out]
 
 
@@ -202,8 +215,9 @@ def _meteor(gts: dict, res: dict, timeout_s: float) -> float:
         run.close()
         err = run.stderr_tail.decode("utf-8", "replace").strip()
         if run.timed_out:
-            raise RnnlabError(f"METEOR did not finish {len(res)} captions in {timeout_s:g}s "
-                              "(java process killed)") from exc
+            raise RnnlabError(
+                f"METEOR did not finish {len(res)} captions in {timeout_s:g}s (java process killed)"
+            ) from exc
         raise RnnlabError(f"METEOR (java) stopped with exit code {run.proc.returncode}: {err[-800:] or exc}") from exc
     finally:
         run.close()
@@ -245,8 +259,8 @@ def coco_caption_scores(
       in any reference, uniform weights, brevity penalty from the summed closest reference lengths
       (ties to the shorter), no smoothing other than the constants 1e-15 added to every matched
       count and 1e-9 to every n-gram total: a perfect match gives 99.9999999..., a set with no
-      4-gram match gives a small positive BLEU-4 (e.g. 0.008 here) instead of 0. A hypothesis shorter than n words adds no
-      n-grams to the denominator (nltk's ``corpus_bleu`` adds one).
+      4-gram match gives a small positive BLEU-4 (e.g. 0.008 here) instead of 0. A hypothesis
+      shorter than n words adds no n-grams to the denominator (nltk's ``corpus_bleu`` adds one).
     * ``Meteor``: METEOR 1.5 (``-l en -norm``: exact, stem, synonym and paraphrase matching),
       corpus score of the jar's ``EVAL`` over all images' statistics, not the mean of per-image scores.
     * ``Rouge``: ROUGE-L per image (LCS with each reference; the max precision and the max recall
@@ -272,14 +286,18 @@ def coco_caption_scores(
     ids, hyps, refs = _as_items(hypotheses, references)
     if (meteor or tokenizer == "ptb") and shutil.which("java") is None:
         if meteor:
-            raise RnnlabError(f"METEOR needs a Java runtime: {JAVA_HINT} (so does tokenizer='ptb'; to score "
-                              "without Java pass meteor=False and tokenizer='none' with pre-tokenised text)")
-        raise RnnlabError(f"PTB tokenization (tokenizer='ptb') needs a Java runtime: {JAVA_HINT} "
-                          "(or pass tokenizer='none' with pre-tokenised text)")
+            raise RnnlabError(
+                f"METEOR needs a Java runtime: {JAVA_HINT} (so does tokenizer='ptb'; to score "
+                "without Java pass meteor=False and tokenizer='none' with pre-tokenised text)"
+            )
+        raise RnnlabError(
+            f"PTB tokenization (tokenizer='ptb') needs a Java runtime: {JAVA_HINT} "
+            "(or pass tokenizer='none' with pre-tokenised text)"
+        )
 
     if tokenizer == "ptb":
         flat = ptb_tokenize(hyps + [r for rs in refs for r in rs], timeout_s=timeout_s)
-        tok_hyps, rest = flat[: len(hyps)], iter(flat[len(hyps):])
+        tok_hyps, rest = flat[: len(hyps)], iter(flat[len(hyps) :])
         tok_refs = [[next(rest) for _ in rs] for rs in refs]
     else:
         tok_hyps = [" ".join(h.split()) for h in hyps]

@@ -73,8 +73,10 @@ def merge_overlay(base: Any, overlay: Any, where: str) -> Any:
         if key == "runs" and isinstance(base.get("runs"), dict) and isinstance(value, dict):
             unknown = sorted(set(value) - set(base["runs"]))
             if unknown:
-                raise ConfigError(f"{where}: runs.{unknown[0]}: a profile can only change runs that params.yaml "
-                                  f"declares (DVC makes one stage per run from it); declared: {sorted(base['runs'])}")
+                raise ConfigError(
+                    f"{where}: runs.{unknown[0]}: a profile can only change runs that params.yaml "
+                    f"declares (DVC makes one stage per run from it); declared: {sorted(base['runs'])}"
+                )
         out[key] = merge_overlay(base[key], value, f"{where}: {key}") if key in base else value
     return out
 
@@ -198,8 +200,9 @@ def merged_runs(name: str, defaults: dict, runs: Any) -> list[tuple[str, str, di
     if "name" in defaults:
         raise ConfigError(f"{name}.defaults.name: a run is named by its key in {name}.runs")
     if not isinstance(runs, dict) or not runs:
-        raise ConfigError(f"{name}.runs: expected a mapping of run name -> its keys, with at least one run; "
-                          f"got {runs!r}")
+        raise ConfigError(
+            f"{name}.runs: expected a mapping of run name -> its keys, with at least one run; got {runs!r}"
+        )
     out = []
     for run_name, run in runs.items():
         where = f"{name}.runs.{run_name}"

@@ -87,8 +87,15 @@ def _native_padding(conv: nn.Conv2d) -> nn.Module:
     """
     pad = conv.static_padding
     left, right, top, bottom = pad.padding if isinstance(pad, nn.ZeroPad2d) else (0, 0, 0, 0)
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
     plain.weight = conv.weight
     if conv.bias is not None:
         plain.bias = conv.bias
@@ -117,8 +124,9 @@ def _inplace_activations(module: nn.Module) -> None:
 
 
 @torch.inference_mode()
-def optimize_for_inference(encoder: ImageEncoder, channels_last: bool = True, check: bool = True,
-                           tolerance: float = 1e-3) -> ImageEncoder:
+def optimize_for_inference(
+    encoder: ImageEncoder, channels_last: bool = True, check: bool = True, tolerance: float = 1e-3
+) -> ImageEncoder:
     """A frozen, faster copy of ``encoder`` computing the same features (see the module docstring)."""
     original = encoder.eval()
     fast = copy.deepcopy(original).eval()
@@ -131,8 +139,9 @@ def optimize_for_inference(encoder: ImageEncoder, channels_last: bool = True, ch
         p.requires_grad_(False)
     if check:
         generator = torch.Generator().manual_seed(0)
-        probe = original.normalize(torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator,
-                                                 dtype=torch.uint8))
+        probe = original.normalize(
+            torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), generator=generator, dtype=torch.uint8)
+        )
         expected = original(probe)
         got = fast(probe.contiguous(memory_format=torch.channels_last) if channels_last else probe)
         diff = (got - expected).abs().max().item()
@@ -237,7 +246,7 @@ def extract_features(
                     problems.append((names[i], reason))
                     bad_rows.append(i)
             feats = encode_batch(net, images, channels_last=fast)  # [batch, 49, C]
-            out[index[0].item(): index[-1].item() + 1] = feats.numpy().astype(np.float16)
+            out[index[0].item() : index[-1].item() + 1] = feats.numpy().astype(np.float16)
             done += len(index)
             if progress is not None:
                 progress(done, len(names))
@@ -251,10 +260,11 @@ def extract_features(
                 raise DataError(f"{image_dir}: none of the {len(names)} images could be decoded")
             # Compact: rows of undecodable images are removed so row i always matches names[i].
             compact_path = tmp.with_name(tmp.name + ".compact")
-            compact = np.lib.format.open_memmap(compact_path, mode="w+", dtype=np.float16,
-                                                shape=(len(ok_rows), positions, channels))
+            compact = np.lib.format.open_memmap(
+                compact_path, mode="w+", dtype=np.float16, shape=(len(ok_rows), positions, channels)
+            )
             for j in range(0, len(ok_rows), 512):
-                compact[j: j + 512] = out[ok_rows[j: j + 512]]
+                compact[j : j + 512] = out[ok_rows[j : j + 512]]
             compact.flush()
             del compact, out
             compact_path.replace(tmp)

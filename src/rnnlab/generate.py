@@ -31,8 +31,9 @@ def prompt_ids(prompt: str, vocab: Vocab, char_level: bool) -> list[int]:
 
 
 @torch.inference_mode()
-def sample_neural(model, vocab: Vocab, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0,
-                  char_level: bool = False) -> str:
+def sample_neural(
+    model, vocab: Vocab, prompt: str, n_tokens: int, temperature: float = 1.0, seed: int = 0, char_level: bool = False
+) -> str:
     if temperature <= 0:
         raise RnnlabError(f"temperature must be > 0, got {temperature}")
     generator = torch.Generator().manual_seed(seed)

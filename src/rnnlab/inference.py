@@ -14,12 +14,21 @@ from pathlib import Path
 
 from rnnlab.errors import RnnlabError
 
-TASK_MODULES = {"lm": "rnnlab.tasks.lm", "translation": "rnnlab.tasks.translation",
-                "captioning": "rnnlab.tasks.captioning"}
-DEFAULT_MODELS = {"lm": "data/models/lm/ptb-lstm", "translation": "data/models/seq2seq/multi30k-attention",
-                  "captioning": "data/models/captioner/flickr8k-soft_attention"}
-TRAIN_HINT = {"lm": "dvc repro train_lm@ptb-lstm", "translation": "dvc repro train_seq2seq@multi30k-attention",
-              "captioning": "dvc repro train_captioner@flickr8k-soft_attention"}
+TASK_MODULES = {
+    "lm": "rnnlab.tasks.lm",
+    "translation": "rnnlab.tasks.translation",
+    "captioning": "rnnlab.tasks.captioning",
+}
+DEFAULT_MODELS = {
+    "lm": "data/models/lm/ptb-lstm",
+    "translation": "data/models/seq2seq/multi30k-attention",
+    "captioning": "data/models/captioner/flickr8k-soft_attention",
+}
+TRAIN_HINT = {
+    "lm": "dvc repro train_lm@ptb-lstm",
+    "translation": "dvc repro train_seq2seq@multi30k-attention",
+    "captioning": "dvc repro train_captioner@flickr8k-soft_attention",
+}
 
 
 def resolve_model_path(ref: str | Path, artifact: str = "model") -> Path:

@@ -95,8 +95,9 @@ def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | N
     return [[refs[k] if k < len(refs) else None for refs in references] for k in range(width)]
 
 
-def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]],
-                max_order: int = 4) -> dict[str, float]:
+def corpus_bleu(
+    hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
+) -> dict[str, float]:
     """Corpus BLEU-1..``max_order`` (0-100) of token lists against all references of each item."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} reference sets")

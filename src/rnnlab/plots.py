@@ -51,8 +51,11 @@ def plot_bleu_vs_beam(rows: list[dict], path, title: str):
     beam 1 is greedy decoding)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("sacrebleu", "sacreBLEU (detok, cased)"), ("tok_bleu", "BLEU (tok, lower-cased)"),
-                       ("chrf", "chrF")):
+    for key, label in (
+        ("sacrebleu", "sacreBLEU (detok, cased)"),
+        ("tok_bleu", "BLEU (tok, lower-cased)"),
+        ("chrf", "chrF"),
+    ):
         ax.plot([r["beam"] for r in rows], [r[key] for r in rows], marker="o", label=label)
     ax.set_xlabel("beam size (1 = greedy)")
     ax.set_ylabel("score")
@@ -99,8 +102,16 @@ def save_caption_grid(path, image_dir, names, generated, references, columns: in
         ax.imshow(_caption_image(image_dir, name))
         ax.set_title(f"{_wrap_caption(gen)}", fontsize=9, fontweight="bold", loc="left")
         ref = refs[0] if refs else ""
-        ax.text(0, 1.0, f"ref: {_wrap_caption(ref)}", transform=ax.transAxes, fontsize=8, va="top",
-                color="white", bbox=dict(facecolor="black", alpha=0.55, pad=2))
+        ax.text(
+            0,
+            1.0,
+            f"ref: {_wrap_caption(ref)}",
+            transform=ax.transAxes,
+            fontsize=8,
+            va="top",
+            color="white",
+            bbox=dict(facecolor="black", alpha=0.55, pad=2),
+        )
     if title:
         fig.suptitle(title, fontsize=11)
     return save_figure(fig, path, 80)

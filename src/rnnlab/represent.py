@@ -48,7 +48,7 @@ def nearest_neighbours(word: str, vocab: Vocab, embedding: torch.Tensor, k: int 
         raise KeyError(f"{word!r} is not in the vocabulary")
     normed = F.normalize(embedding.detach().float(), dim=1)
     sims = normed @ normed[vocab.stoi[word]]
-    sims[: 4] = -2.0  # specials
+    sims[:4] = -2.0  # specials
     sims[vocab.stoi[word]] = -2.0
     top = torch.topk(sims, min(k, len(vocab) - 5))
     return [(vocab.itos[int(i)], round(float(s), 4)) for s, i in zip(top.values, top.indices)]

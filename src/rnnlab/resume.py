@@ -53,10 +53,10 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from rnnlab.errors import RnnlabError
 from rnnlab import io as rio
-from rnnlab.io import atomic_path, read_json, write_json
 from rnnlab.distributed import global_rank
+from rnnlab.errors import RnnlabError
+from rnnlab.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class ResumeDir:
         self._open()
 
     @classmethod
-    def scratch(cls, path: str | Path) -> "ResumeDir":
+    def scratch(cls, path: str | Path) -> ResumeDir:
         """A folder for one run outside any stage (library use, tests): never resumed."""
         return cls(path, {}, enabled=False)
 
@@ -149,8 +149,13 @@ class ResumeDir:
         stale = state is not None and state.get("fingerprint") != self.fingerprint
         if self.path.exists() and (stale or not self.enabled or state is None):
             if state is not None or any(self.path.iterdir()):
-                why = ("its config or data changed" if stale else
-                       "resume is disabled (trainer.resume: false)" if not self.enabled else "it has no state.json")
+                why = (
+                    "its config or data changed"
+                    if stale
+                    else "resume is disabled (trainer.resume: false)"
+                    if not self.enabled
+                    else "it has no state.json"
+                )
                 log.warning("%s: discarding the previous checkpoints because %s", self.path, why)
             self._remove()
             state = None
@@ -262,8 +267,11 @@ class ResumableLoader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"served": self._served, "pass_index": self._passes - 1,
-                "pass_rng": self._pass_rng if self._pass_rng is not None else torch.get_rng_state()}
+        return {
+            "served": self._served,
+            "pass_index": self._passes - 1,
+            "pass_rng": self._pass_rng if self._pass_rng is not None else torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._skip = int(state["served"])
@@ -278,8 +286,13 @@ def collect_rng_states() -> dict[str, Any]:
     version, py_state, py_gauss = random.getstate()
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -348,8 +361,11 @@ class ResumeCallback(pl.Callback):
             if self.stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # second Ctrl-C: stop now, the last saved checkpoint stands
             self.stop_signal = name
-            log.warning("%s received: saving a checkpoint at the end of this batch, then stopping "
-                        "(press Ctrl-C again to stop at once)", name)
+            log.warning(
+                "%s received: saving a checkpoint at the end of this batch, then stopping "
+                "(press Ctrl-C again to stop at once)",
+                name,
+            )
 
         for sig in previous:
             signal.signal(sig, request_stop)
@@ -440,8 +456,9 @@ class ResumeCallback(pl.Callback):
             pl_module.load_resume_state(state["module"])
 
 
-def fit_resumable(trainer: pl.Trainer, module: pl.LightningModule, datamodule, resume: ResumeDir,
-                  callback: ResumeCallback) -> Path | None:
+def fit_resumable(
+    trainer: pl.Trainer, module: pl.LightningModule, datamodule, resume: ResumeDir, callback: ResumeCallback
+) -> Path | None:
     """``trainer.fit`` from the newest readable checkpoint in ``resume`` (or from scratch).
 
     Returns the checkpoint resumed from. SIGINT/SIGTERM become ``TrainingInterrupted`` after a

@@ -112,8 +112,10 @@ def _image_text(row: dict, i: int) -> str:
     """The base64 text of record ``i``'s image, refused when it would decode to over MAX_IMAGE_BYTES."""
     value = row.get("image")
     if isinstance(value, str) and len(value) > MAX_IMAGE_B64_CHARS:
-        raise _bad(f"record {i}: 'image' is {len(value)} base64 characters (about {len(value) * 3 // 4 / 2**20:.1f} "
-                   f"MiB); at most {MAX_IMAGE_B64_CHARS} ({MAX_IMAGE_BYTES // 2**20} MiB of image file)")
+        raise _bad(
+            f"record {i}: 'image' is {len(value)} base64 characters (about {len(value) * 3 // 4 / 2**20:.1f} "
+            f"MiB); at most {MAX_IMAGE_B64_CHARS} ({MAX_IMAGE_BYTES // 2**20} MiB of image file)"
+        )
     return _text(row, "image", i, max_chars=MAX_IMAGE_B64_CHARS)
 
 
@@ -171,9 +173,15 @@ class LanguageModelPyfunc(PythonModel):
     def predict(self, context, model_input, params=None):
         from rnnlab.generate import sample
 
-        requests = [(_text(row, "prompt", i), _int(row, "tokens", i, self.default_tokens, 1, MAX_TOKENS),
-                     _float(row, "temperature", i, 1.0, 0.0, 100.0), _int(row, "seed", i, 0, 0, 2**31 - 1))
-                    for i, row in enumerate(_rows(model_input, "prompt"))]  # every record checked first
+        requests = [
+            (
+                _text(row, "prompt", i),
+                _int(row, "tokens", i, self.default_tokens, 1, MAX_TOKENS),
+                _float(row, "temperature", i, 1.0, 0.0, 100.0),
+                _int(row, "seed", i, 0, 0, 2**31 - 1),
+            )
+            for i, row in enumerate(_rows(model_input, "prompt"))
+        ]  # every record checked first
         return pd.DataFrame({"text": [sample(self.lm, *request) for request in requests]})
 
 
@@ -231,8 +239,9 @@ class CaptionerPyfunc(PythonModel):
                 path.write_bytes(data)
                 paths.append(path)
             try:
-                captions = caption_images(self.checkpoint, paths, beam_size=beams.pop(),
-                                          encoder_weights=self.encoder_weights)
+                captions = caption_images(
+                    self.checkpoint, paths, beam_size=beams.pop(), encoder_weights=self.encoder_weights
+                )
             except DataError as exc:
                 raise _bad(str(exc).replace(tmp + "/", "")) from None
         return pd.DataFrame({"caption": captions})
@@ -247,13 +256,21 @@ def _schema(*cols: tuple[str, str, bool]) -> Schema:
 
 SIGNATURES = {
     "lm": ModelSignature(
-        inputs=_schema(("prompt", "string", True), ("tokens", "long", False), ("temperature", "double", False),
-                       ("seed", "long", False)),
-        outputs=_schema(("text", "string", True))),
-    "translation": ModelSignature(inputs=_schema(("text", "string", True), ("beam", "long", False)),
-                                  outputs=_schema(("translation", "string", True))),
-    "captioning": ModelSignature(inputs=_schema(("image", "string", True), ("beam", "long", False)),
-                                 outputs=_schema(("caption", "string", True))),
+        inputs=_schema(
+            ("prompt", "string", True),
+            ("tokens", "long", False),
+            ("temperature", "double", False),
+            ("seed", "long", False),
+        ),
+        outputs=_schema(("text", "string", True)),
+    ),
+    "translation": ModelSignature(
+        inputs=_schema(("text", "string", True), ("beam", "long", False)),
+        outputs=_schema(("translation", "string", True)),
+    ),
+    "captioning": ModelSignature(
+        inputs=_schema(("image", "string", True), ("beam", "long", False)), outputs=_schema(("caption", "string", True))
+    ),
 }
 WRAPPERS = {"lm": LanguageModelPyfunc, "translation": TranslatorPyfunc, "captioning": CaptionerPyfunc}
 
@@ -268,13 +285,27 @@ def _requirements() -> list[str]:
     import numpy
     import torch
 
-    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
-            f"numpy=={numpy.__version__}", f"pandas=={pd.__version__}", "rnnlab"]
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={numpy.__version__}",
+        f"pandas=={pd.__version__}",
+        "rnnlab",
+    ]
 
 
-def log_and_register(task: str, checkpoint: Path, name: str, run_id: str, tracking_uri: str,
-                     model_config: dict | None = None, extra_artifacts: dict | None = None,
-                     training_run_id: str | None = None, register: bool = True, run_name: str | None = None) -> dict:
+def log_and_register(
+    task: str,
+    checkpoint: Path,
+    name: str,
+    run_id: str,
+    tracking_uri: str,
+    model_config: dict | None = None,
+    extra_artifacts: dict | None = None,
+    training_run_id: str | None = None,
+    register: bool = True,
+    run_name: str | None = None,
+) -> dict:
     """Log ``checkpoint`` as a pyfunc model into MLflow run ``run_id`` and register it as ``name``.
 
     Returns ``{"model_uri", "registered_name", "version"}``. ``rnnlab`` must be importable where the
@@ -285,8 +316,12 @@ def log_and_register(task: str, checkpoint: Path, name: str, run_id: str, tracki
     artifacts = {"checkpoint": str(checkpoint), **{k: str(v) for k, v in (extra_artifacts or {}).items()}}
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = mlflow.pyfunc.log_model(
-            name=(run_name or name).replace("/", "-"), python_model=WRAPPERS[task](), artifacts=artifacts, signature=SIGNATURES[task],
-            model_config=model_config or {}, pip_requirements=_requirements(),
+            name=(run_name or name).replace("/", "-"),
+            python_model=WRAPPERS[task](),
+            artifacts=artifacts,
+            signature=SIGNATURES[task],
+            model_config=model_config or {},
+            pip_requirements=_requirements(),
         )
     out = {"model_uri": info.model_uri, "registered_name": None, "version": None}
     if register:

@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 500  # MLflow limits param values; long lists are summarised, never rejected
 MAX_QUEUED_METRICS = 100_000  # metric points kept while the server is away; older ones are dropped
 # The MLflow client retries a dead server for minutes by default; a stage should learn it fast.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
@@ -69,9 +72,16 @@ def md5_path(path: str | Path) -> str:
 def git_info(root: Path | None = None) -> dict[str, str]:
     root = root or Path.cwd()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return {"git_commit": commit, "git_dirty": str(bool(status.strip())).lower()}
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
@@ -147,8 +157,17 @@ def _is_unreachable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - requests comes with mlflow
         pass
     text = str(exc)
-    return any(s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish",
-                                   "timed out", "Connection aborted", "RemoteDisconnected"))
+    return any(
+        s in text
+        for s in (
+            "Max retries exceeded",
+            "Connection refused",
+            "Failed to establish",
+            "timed out",
+            "Connection aborted",
+            "RemoteDisconnected",
+        )
+    )
 
 
 class NullTracker:
@@ -229,8 +248,12 @@ class MlflowTracker(NullTracker):
             self._queue.pop(0)
             sent += 1
         if self.down_since is not None:
-            log.warning("MLflow tracking at %s is reachable again after %.0f s; sent %d queued calls",
-                        self.uri, time.monotonic() - self.down_since, sent)
+            log.warning(
+                "MLflow tracking at %s is reachable again after %.0f s; sent %d queued calls",
+                self.uri,
+                time.monotonic() - self.down_since,
+                sent,
+            )
             self.down_since = None
         return True
 
@@ -238,8 +261,12 @@ class MlflowTracker(NullTracker):
         if self.down_since is None:
             self.down_since = time.monotonic()
             self.outages += 1
-            log.warning("MLflow tracking at %s is unreachable (%s): training continues; tracking calls are "
-                        "queued and re-sent when it answers", self.uri, str(exc).splitlines()[0][:200])
+            log.warning(
+                "MLflow tracking at %s is unreachable (%s): training continues; tracking calls are "
+                "queued and re-sent when it answers",
+                self.uri,
+                str(exc).splitlines()[0][:200],
+            )
         self._next_try = time.monotonic() + self.retry_interval_s
 
     def close(self, status: str) -> None:
@@ -264,15 +291,27 @@ class MlflowTracker(NullTracker):
             if left <= 0:
                 break
             if not announced:
-                log.warning("MLflow tracking at %s is unreachable at the end of run %s: retrying for up to %.0f s "
-                            "(%d calls queued)", self.uri, self.run_id, wait_s, self.queued_calls)
+                log.warning(
+                    "MLflow tracking at %s is unreachable at the end of run %s: retrying for up to %.0f s "
+                    "(%d calls queued)",
+                    self.uri,
+                    self.run_id,
+                    wait_s,
+                    self.queued_calls,
+                )
                 announced = True
             time.sleep(min(2.0, left))
         log.warning(
             "MLflow tracking at %s unreachable at the end of run %s: %d calls (%d metric points) not recorded, "
             "%d metric points dropped while it was away, run left RUNNING (should be %s). The checkpoint and the "
-            "DVC outputs are complete.", self.uri, self.run_id, self.queued_calls, self.queued_metrics,
-            self.dropped_metrics, status)
+            "DVC outputs are complete.",
+            self.uri,
+            self.run_id,
+            self.queued_calls,
+            self.queued_metrics,
+            self.dropped_metrics,
+            status,
+        )
 
     # -- the Tracker interface -------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -393,8 +432,12 @@ def tracked_run(
             except Exception as exc:  # noqa: BLE001
                 if _is_unreachable(exc):
                     raise
-                log.warning("MLflow run %s to continue is not in %s (%s); starting a new run", run_id,
-                            redact_uri(uri), str(exc).splitlines()[0][:200])
+                log.warning(
+                    "MLflow run %s to continue is not in %s (%s); starting a new run",
+                    run_id,
+                    redact_uri(uri),
+                    str(exc).splitlines()[0][:200],
+                )
                 run_id = None
         if run_id is None:
             run_id = client.create_run(exp_id, run_name=run_name).info.run_id
@@ -419,11 +462,20 @@ def tracked_run(
     tracker.set_tags(all_tags)
     if params:
         flat = flatten(scrub(dict(params), root))
-        changed = {k: (existing_params[k], str(v)) for k, v in flat.items()
-                   if k in existing_params and existing_params[k] != str(v)[:MAX_PARAM_LEN]}
+        changed = {
+            k: (existing_params[k], str(v))
+            for k, v in flat.items()
+            if k in existing_params and existing_params[k] != str(v)[:MAX_PARAM_LEN]
+        }
         for key, (old, new) in changed.items():
-            log.warning("param %s changed from %r to %r since MLflow run %s started; MLflow keeps %r",
-                        key, old, new, run_id, old)
+            log.warning(
+                "param %s changed from %r to %r since MLflow run %s started; MLflow keeps %r",
+                key,
+                old,
+                new,
+                run_id,
+                old,
+            )
         tracker.log_params({k: v for k, v in flat.items() if k not in existing_params})
     status = "FINISHED"
     try:

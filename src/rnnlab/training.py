@@ -61,19 +61,37 @@ class TrainerConfig:
     resume: bool = True  # a rerun continues from the run's last checkpoint (false: start over)
 
     def validate(self, where: str) -> None:
-        require(self.precision in {"32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true"},
-                f"{where}.precision", "one of 32-true, 16-mixed, bf16-mixed, bf16-true, 64-true", self.precision)
+        require(
+            self.precision in {"32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true"},
+            f"{where}.precision",
+            "one of 32-true, 16-mixed, bf16-mixed, bf16-true, 64-true",
+            self.precision,
+        )
         require(self.num_threads >= 0, f"{where}.num_threads", "an integer >= 0", self.num_threads)
-        require(self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
-                f"{where}.devices", '"auto" or an integer >= 1', self.devices)
+        require(
+            self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1),
+            f"{where}.devices",
+            '"auto" or an integer >= 1',
+            self.devices,
+        )
         require(self.num_nodes >= 1, f"{where}.num_nodes", "an integer >= 1", self.num_nodes)
-        require(self.checkpoint_every_n_steps >= 0, f"{where}.checkpoint_every_n_steps", "an integer >= 0",
-                self.checkpoint_every_n_steps)
+        require(
+            self.checkpoint_every_n_steps >= 0,
+            f"{where}.checkpoint_every_n_steps",
+            "an integer >= 0",
+            self.checkpoint_every_n_steps,
+        )
 
     def resume_identity(self) -> dict:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
-        return {"accelerator": self.accelerator, "devices": self.devices, "strategy": self.strategy,
-                "num_nodes": self.num_nodes, "precision": self.precision, "deterministic": self.deterministic}
+        return {
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+            "precision": self.precision,
+            "deterministic": self.deterministic,
+        }
 
 
 @dataclass
@@ -94,7 +112,7 @@ class FitSpec:
 @dataclass
 class FitResult:
     best_path: Path  # the best checkpoint (full training state; see :func:`save_model_checkpoint`)
-    history: "HistoryCallback"
+    history: HistoryCallback
     trainer: pl.Trainer
     wall_s: float  # training time, summed over interrupted processes
     resume_callback: ResumeCallback | None = None
@@ -111,15 +129,21 @@ class FitResult:
         self.resume_callback.raise_if_stopped()
 
 
-def make_trainer(cfg: TrainerConfig, callbacks: list, max_epochs: int, default_root_dir: str,
-                 distributed: bool = True, **overrides) -> pl.Trainer:
+def make_trainer(
+    cfg: TrainerConfig, callbacks: list, max_epochs: int, default_root_dir: str, distributed: bool = True, **overrides
+) -> pl.Trainer:
     """The one Trainer. Every checkpoint it writes is atomic and every load ``weights_only``."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     devices, strategy, num_nodes = cfg.devices, cfg.strategy, cfg.num_nodes
     if not distributed and (devices not in ("auto", 1) or num_nodes != 1 or strategy not in ("auto", "single_device")):
-        log.warning("this task trains in one process (its validation needs the whole split): trainer.devices=%s, "
-                    "strategy=%s, num_nodes=%s ignored", devices, strategy, num_nodes)
+        log.warning(
+            "this task trains in one process (its validation needs the whole split): trainer.devices=%s, "
+            "strategy=%s, num_nodes=%s ignored",
+            devices,
+            strategy,
+            num_nodes,
+        )
     if not distributed:
         devices, strategy, num_nodes = 1, "auto", 1
     deterministic = cfg.deterministic
@@ -156,8 +180,9 @@ class _LastValidated(pl.Callback):
             self.step = trainer.global_step
 
 
-def fit(module: pl.LightningModule, datamodule, cfg: TrainerConfig, spec: FitSpec, resume: ResumeDir,
-        tracker=None) -> FitResult:
+def fit(
+    module: pl.LightningModule, datamodule, cfg: TrainerConfig, spec: FitSpec, resume: ResumeDir, tracker=None
+) -> FitResult:
     """Train ``module`` on ``datamodule``; keep the best checkpoint by ``spec.monitor``.
 
     With ``resume.enabled`` training continues from the newest readable checkpoint in ``resume``,
@@ -166,8 +191,14 @@ def fit(module: pl.LightningModule, datamodule, cfg: TrainerConfig, spec: FitSpe
     a DVC output (DVC deletes those before rerunning a stage)."""
     # save_on_train_epoch_end=False: the best checkpoint is taken when validation ends, before the
     # epoch-end hooks, so the epoch-end resume checkpoint already holds this epoch's best score.
-    best = ModelCheckpoint(dirpath=resume.best_dir, filename="best", monitor=spec.monitor, mode=spec.mode,
-                           save_top_k=1, save_on_train_epoch_end=False)
+    best = ModelCheckpoint(
+        dirpath=resume.best_dir,
+        filename="best",
+        monitor=spec.monitor,
+        mode=spec.mode,
+        save_top_k=1,
+        save_on_train_epoch_end=False,
+    )
     history = HistoryCallback(tracker, tokens_per_batch=spec.tokens_per_batch)
     validated = _LastValidated()
     callbacks: list = [best, history, validated]
@@ -184,8 +215,7 @@ def fit(module: pl.LightningModule, datamodule, cfg: TrainerConfig, spec: FitSpe
         overrides["max_time"] = {"seconds": int(spec.max_time_minutes * 60 + 0.999)}
     if spec.gradient_clip_val is not None:
         overrides["gradient_clip_val"] = spec.gradient_clip_val
-    trainer = make_trainer(cfg, callbacks, spec.max_epochs, str(resume.path), distributed=spec.distributed,
-                           **overrides)
+    trainer = make_trainer(cfg, callbacks, spec.max_epochs, str(resume.path), distributed=spec.distributed, **overrides)
     started = time.perf_counter()
     if resume_callback is not None:
         fit_resumable(trainer, module, datamodule, resume, resume_callback)
@@ -199,13 +229,15 @@ def fit(module: pl.LightningModule, datamodule, cfg: TrainerConfig, spec: FitSpe
         # score them too and keep whichever is better.
         score = trainer.validate(module, datamodule=datamodule, verbose=False)[0].get(spec.monitor)
         better = best.best_model_score is None or (
-            score is not None and (score < float(best.best_model_score) if spec.mode == "min"
-                                   else score > float(best.best_model_score)))
+            score is not None
+            and (score < float(best.best_model_score) if spec.mode == "min" else score > float(best.best_model_score))
+        )
         if better:
             best_path = resume.best_dir / "best.ckpt"
             trainer.save_checkpoint(best_path)
-    return FitResult(best_path=best_path, history=history, trainer=trainer, wall_s=wall,
-                     resume_callback=resume_callback)
+    return FitResult(
+        best_path=best_path, history=history, trainer=trainer, wall_s=wall, resume_callback=resume_callback
+    )
 
 
 def load_best_weights(module: pl.LightningModule, result: FitResult) -> None:
@@ -259,8 +291,13 @@ class HistoryCallback(pl.Callback):
             parts: list = [None] * _distributed_world()
             torch.distributed.all_gather_object(parts, (loss_sum, loss_weight))
             loss_sum, loss_weight = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        return {"history": self.history, "train_tokens": self.train_tokens, "train_seconds": self.train_seconds,
-                "loss_sum": loss_sum, "loss_weight": loss_weight}
+        return {
+            "history": self.history,
+            "train_tokens": self.train_tokens,
+            "train_seconds": self.train_seconds,
+            "loss_sum": loss_sum,
+            "loss_weight": loss_weight,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
@@ -294,8 +331,11 @@ class HistoryCallback(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.endswith("_step")}
         if self._loss_weight:
             distributed = trainer.world_size > 1
-            sums = torch.tensor([self._loss_sum, self._loss_weight], dtype=torch.float64,
-                                device=pl_module.device if distributed else "cpu")
+            sums = torch.tensor(
+                [self._loss_sum, self._loss_weight],
+                dtype=torch.float64,
+                device=pl_module.device if distributed else "cpu",
+            )
             if distributed:  # collective: every rank runs this hook
                 sums = trainer.strategy.reduce(sums, reduce_op="sum")
             metrics["train/loss"] = metrics["train/loss_epoch"] = float(sums[0] / sums[1])

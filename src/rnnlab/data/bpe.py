@@ -35,8 +35,9 @@ BPE_UNK = "<unk>"
 class BPETokenizer:
     name = "bpe"
 
-    def __init__(self, lowercase: bool = True, vocab_size: int = 8000, min_frequency: int = 2,
-                 model_json: str | None = None):
+    def __init__(
+        self, lowercase: bool = True, vocab_size: int = 8000, min_frequency: int = 2, model_json: str | None = None
+    ):
         if vocab_size < 10:
             raise ConfigError(f"bpe_vocab_size: expected an integer >= 10, got {vocab_size!r}")
         self.lowercase, self.vocab_size, self.min_frequency = lowercase, vocab_size, min_frequency
@@ -57,7 +58,9 @@ class BPETokenizer:
         """Learn merges from ``texts`` (the train split only); returns self."""
         model = self._empty_model()
         trainer = trainers.BpeTrainer(
-            vocab_size=self.vocab_size, min_frequency=self.min_frequency, special_tokens=[BPE_UNK],
+            vocab_size=self.vocab_size,
+            min_frequency=self.min_frequency,
+            special_tokens=[BPE_UNK],
             show_progress=False,
         )
         model.train_from_iterator((self._pretokenized(t) for t in texts), trainer)
@@ -78,14 +81,19 @@ class BPETokenizer:
         words: list[str] = []
         for piece in tokens:
             if piece.startswith(WORD_START) or not words:
-                words.append(piece[len(WORD_START):] if piece.startswith(WORD_START) else piece)
+                words.append(piece[len(WORD_START) :] if piece.startswith(WORD_START) else piece)
             else:
                 words[-1] += piece
         return self.words.detokenize([w for w in words if w])
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "lowercase": self.lowercase, "vocab_size": self.vocab_size,
-                "min_frequency": self.min_frequency, "model_json": self.model.to_str()}
+        return {
+            "name": self.name,
+            "lowercase": self.lowercase,
+            "vocab_size": self.vocab_size,
+            "min_frequency": self.min_frequency,
+            "model_json": self.model.to_str(),
+        }
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -53,7 +53,9 @@ def read_prepared_captions(prepared_dir: str | Path, corpus: str = "flickr8k") -
     return pd.read_parquet(path)
 
 
-def read_flickr8k(raw_dir: str | Path, image_dir: str | Path | None = None) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def read_flickr8k(
+    raw_dir: str | Path, image_dir: str | Path | None = None
+) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Parse ``Flickr8k.token.txt`` and the three official split files in ``raw_dir``.
 
     Returns (captions, problems). ``captions`` has columns split (train/dev/test/none), file, line,
@@ -177,8 +179,9 @@ class CaptionDataModule(pl.LightningDataModule):
             reason = failed.get(image, "no cached features for this image")
             self.problems.append((image, reason))
         if self.problems:
-            log.warning("%d images have no features; their captions are left out: %s",
-                        len(self.problems), self.problems[:3])
+            log.warning(
+                "%d images have no features; their captions are left out: %s", len(self.problems), self.problems[:3]
+            )
         table = table[has_row]
         tokenized = [self.tokenizer.tokenize(c) for c in table["caption"]]
         table = table.assign(tokens=tokenized)
@@ -226,8 +229,13 @@ class CaptionDataModule(pl.LightningDataModule):
         data = self.splits[split]
         if not data.names:
             raise DataError(f"captions: the {split} split is empty")
-        return DataLoader(_ImageCaptions(data), batch_size=batch_size, shuffle=shuffle,
-                          collate_fn=lambda ids: self.collate(data, ids), num_workers=0)
+        return DataLoader(
+            _ImageCaptions(data),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=lambda ids: self.collate(data, ids),
+            num_workers=0,
+        )
 
     def train_dataloader(self) -> ResumableLoader:
         # Resumable mid-epoch: its position and the epoch's shuffle RNG go into every checkpoint.
@@ -247,8 +255,8 @@ class CaptionDataModule(pl.LightningDataModule):
         data = self.splits[split]
         size = batch_size or self.eval_batch_size
         for start in range(0, len(data.names), size):
-            rows = torch.as_tensor(data.feature_rows[start: start + size])
-            yield data.names[start: start + size], self.features[rows].float()
+            rows = torch.as_tensor(data.feature_rows[start : start + size])
+            yield data.names[start : start + size], self.features[rows].float()
 
     def summary(self) -> dict:
         return {

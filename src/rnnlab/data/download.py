@@ -72,8 +72,9 @@ def _is_verified(path: Path, sha256: str | None) -> bool:
     return path.is_file() and (sha256 is None or sha256_file(path) == sha256)
 
 
-def download_url(url: str, dst: Path, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0,
-                 progress: bool = True) -> None:
+def download_url(
+    url: str, dst: Path, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0, progress: bool = True
+) -> None:
     """Stream ``url`` to ``dst.part`` with retries and exponential backoff; rename when complete."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(dst.name + ".part")
@@ -147,7 +148,7 @@ def safe_extract(archive: Path, kind: str, members: dict[str, str], out_dir: Pat
             target = None
             for want, rel in members.items():
                 if want.endswith("/") and name.startswith(want):
-                    target = out_dir / rel / name[len(want):]
+                    target = out_dir / rel / name[len(want) :]
                 elif name == want:
                     target = out_dir / rel
             if target is None:
@@ -184,8 +185,9 @@ class FetchReport:
     already_present: int
 
 
-def fetch_corpus(name: str, out_root: Path, mirror: Path | None, retries: int = 3, timeout_s: float = 60.0,
-                 progress: bool = True) -> FetchReport:
+def fetch_corpus(
+    name: str, out_root: Path, mirror: Path | None, retries: int = 3, timeout_s: float = 60.0, progress: bool = True
+) -> FetchReport:
     corpus = get_corpus(name)
     out_dir = Path(out_root) / corpus.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,8 +228,9 @@ def _fetch_from_mirror(corpus: Corpus, src_dir: Path, out_dir: Path, progress: b
     return FetchReport(corpus.name, "mirror", len(wanted), fetched, present)
 
 
-def _fetch_from_urls(corpus: Corpus, out_dir: Path, mirror: Path | None, retries: int, timeout_s: float,
-                     progress: bool) -> FetchReport:
+def _fetch_from_urls(
+    corpus: Corpus, out_dir: Path, mirror: Path | None, retries: int, timeout_s: float, progress: bool
+) -> FetchReport:
     if all(_is_verified(out_dir / rel, sha) for rel, sha in corpus.files.items()) and not corpus.manifest_dir:
         return FetchReport(corpus.name, "url", len(corpus.files), 0, len(corpus.files))
     fetched = 0

@@ -59,8 +59,15 @@ class LMDataModule(pl.LightningDataModule):
     likewise for valid/test.
     """
 
-    def __init__(self, prepared_dir: str | Path, batch_size: int, bptt: int, eval_batch_size: int = 10,
-                 train_fraction: float = 1.0, eval_fraction: float = 1.0):
+    def __init__(
+        self,
+        prepared_dir: str | Path,
+        batch_size: int,
+        bptt: int,
+        eval_batch_size: int = 10,
+        train_fraction: float = 1.0,
+        eval_fraction: float = 1.0,
+    ):
         super().__init__()
         self.prepared_dir = Path(prepared_dir)
         self.batch_size, self.bptt, self.eval_batch_size = batch_size, bptt, eval_batch_size
@@ -125,14 +132,23 @@ class ShardedLMDataModule(LMDataModule):
         if world > 1:
             key = "batch_size" if split == "train" else "eval_batch_size"
             if bsz % world:
-                raise ConfigError(f"train_lm.runs.*.{key}: expected a multiple of the {world} processes "
-                                  f"(trainer.devices x num_nodes), got {bsz}")
+                raise ConfigError(
+                    f"train_lm.runs.*.{key}: expected a multiple of the {world} processes "
+                    f"(trainer.devices x num_nodes), got {bsz}"
+                )
             per_rank = bsz // world
             batched = batched[:, rank * per_rank : (rank + 1) * per_rank].contiguous()  # [n_steps, bsz/W]
             if split == "train":
                 digest = hashlib.md5(batched.numpy().tobytes()).hexdigest()
-                log.info("rank %d/%d trains on columns %d..%d of %d (shard md5 %s)", rank, world,
-                         rank * per_rank, (rank + 1) * per_rank - 1, bsz, digest)
+                log.info(
+                    "rank %d/%d trains on columns %d..%d of %d (shard md5 %s)",
+                    rank,
+                    world,
+                    rank * per_rank,
+                    (rank + 1) * per_rank - 1,
+                    bsz,
+                    digest,
+                )
         return BPTTWindows(batched, self.bptt)
 
     def train_dataloader(self) -> ResumableLoader:

@@ -60,8 +60,9 @@ def read_multi30k(raw_dir: str | Path, src_lang: str = "en", tgt_lang: str = "de
                 sides.append([line.rstrip("\n") for line in fh])
         if len(sides[0]) != len(sides[1]):
             raise DataError(f"{raw_dir}/{stem}: {len(sides[0])} {src_lang} lines but {len(sides[1])} {tgt_lang} lines")
-        frames.append(pd.DataFrame({"split": split, "line": np.arange(1, len(sides[0]) + 1),
-                                    "src": sides[0], "tgt": sides[1]}))
+        frames.append(
+            pd.DataFrame({"split": split, "line": np.arange(1, len(sides[0]) + 1), "src": sides[0], "tgt": sides[1]})
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -151,14 +152,17 @@ class BucketBatchSampler(Sampler[list[int]]):
             yield batch.tolist()
 
 
-def build_tokenizers(kind: str, train_src: list[str], train_tgt: list[str], bpe_vocab_size: int = 8000,
-                     lowercase_target: bool = False) -> tuple[Tokenizer, Tokenizer]:
+def build_tokenizers(
+    kind: str, train_src: list[str], train_tgt: list[str], bpe_vocab_size: int = 8000, lowercase_target: bool = False
+) -> tuple[Tokenizer, Tokenizer]:
     """Source (lower-cased) and target tokenizers; BPE models are learned on the train texts given."""
     if kind == "word":
         return WordTokenizer(lowercase=True), WordTokenizer(lowercase=lowercase_target)
     if kind == "bpe":
-        return (BPETokenizer(lowercase=True, vocab_size=bpe_vocab_size).train(train_src),
-                BPETokenizer(lowercase=lowercase_target, vocab_size=bpe_vocab_size).train(train_tgt))
+        return (
+            BPETokenizer(lowercase=True, vocab_size=bpe_vocab_size).train(train_src),
+            BPETokenizer(lowercase=lowercase_target, vocab_size=bpe_vocab_size).train(train_tgt),
+        )
     raise ConfigError(f"tokenizer: {kind!r} is unknown; expected one of {list(TOKENIZER_KINDS)}")
 
 
@@ -210,10 +214,16 @@ class ParallelDataModule(pl.LightningDataModule):
             raise DataError("parallel pairs: the train split is empty")
         if self.src_tokenizer is None:
             self.src_tokenizer, self.tgt_tokenizer = build_tokenizers(
-                self.tokenizer_kind, train["src"].tolist(), train["tgt"].tolist(), self.bpe_vocab_size,
-                self.lowercase_target)
-        train_tokens = ([self.src_tokenizer.tokenize(t) for t in train["src"]],
-                        [self.tgt_tokenizer.tokenize(t) for t in train["tgt"]])
+                self.tokenizer_kind,
+                train["src"].tolist(),
+                train["tgt"].tolist(),
+                self.bpe_vocab_size,
+                self.lowercase_target,
+            )
+        train_tokens = (
+            [self.src_tokenizer.tokenize(t) for t in train["src"]],
+            [self.tgt_tokenizer.tokenize(t) for t in train["tgt"]],
+        )
         if self.src_vocab is None:
             self.src_vocab = Vocab.build(train_tokens[0], self.min_freq)
             self.tgt_vocab = Vocab.build(train_tokens[1], self.min_freq)
@@ -235,11 +245,14 @@ class ParallelDataModule(pl.LightningDataModule):
         self.texts[split] = frame
         self.datasets[split] = self._encode(split, frame)
 
-    def _encode(self, split: str, frame: pd.DataFrame,
-                tokens: tuple[list[list[str]], list[list[str]]] | None = None) -> ParallelDataset:
+    def _encode(
+        self, split: str, frame: pd.DataFrame, tokens: tuple[list[list[str]], list[list[str]]] | None = None
+    ) -> ParallelDataset:
         if tokens is None:
-            tokens = ([self.src_tokenizer.tokenize(t) for t in frame["src"]],
-                      [self.tgt_tokenizer.tokenize(t) for t in frame["tgt"]])
+            tokens = (
+                [self.src_tokenizer.tokenize(t) for t in frame["src"]],
+                [self.tgt_tokenizer.tokenize(t) for t in frame["tgt"]],
+            )
         src, tgt, cut = [], [], {"src": 0, "tgt": 0}
         for line, src_tokens, tgt_tokens in zip(frame["line"], *tokens):
             s_ids, t_ids = self.src_vocab.encode(src_tokens), self.tgt_vocab.encode(tgt_tokens)
@@ -255,8 +268,13 @@ class ParallelDataModule(pl.LightningDataModule):
             cut["tgt"] += t_cut
         self.truncated[split] = cut
         if cut["src"] or cut["tgt"]:
-            log.warning("%s: truncated %d source and %d target sentences to max_len=%d tokens",
-                        split, cut["src"], cut["tgt"], self.max_len)
+            log.warning(
+                "%s: truncated %d source and %d target sentences to max_len=%d tokens",
+                split,
+                cut["src"],
+                cut["tgt"],
+                self.max_len,
+            )
         return ParallelDataset(src, tgt)
 
     def collator(self) -> Collator:

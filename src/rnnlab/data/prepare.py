@@ -49,10 +49,14 @@ class PrepareConfig:
     vocab_defaults: VocabConfig = field(default_factory=VocabConfig)
 
     def validate(self, where: str) -> None:
-        for i, name in enumerate(self.corpora):
+        for name in self.corpora:
             get_corpus(name)
-        require(0 < self.char_train_fraction < 1, f"{where}.char_train_fraction", "a number in (0, 1)",
-                self.char_train_fraction)
+        require(
+            0 < self.char_train_fraction < 1,
+            f"{where}.char_train_fraction",
+            "a number in (0, 1)",
+            self.char_train_fraction,
+        )
 
     def vocab_for(self, corpus: str) -> VocabConfig:
         return self.vocab.get(corpus, self.vocab_defaults)

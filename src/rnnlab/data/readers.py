@@ -126,7 +126,9 @@ def read_captions(raw_dir: Path, image_dir: Path | None = None) -> tuple[pd.Data
         key, sep, caption = text.partition("\t")
         image, hash_, idx = key.rpartition("#")
         if not sep or not hash_ or not idx.isdigit():
-            raise DataError(f"{raw_dir / token_file} line {n}: expected '<image>.jpg#<0-4>\\t<caption>', got {text[:80]!r}")
+            raise DataError(
+                f"{raw_dir / token_file} line {n}: expected '<image>.jpg#<0-4>\\t<caption>', got {text[:80]!r}"
+            )
         row = (split_of.get(image, "none"), token_file, n, image, int(idx), caption.strip())
         if not image.endswith(".jpg"):
             rejected.append((*row, f"caption id {image!r} names no image file"))

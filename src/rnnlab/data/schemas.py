@@ -56,7 +56,9 @@ def caption_schema(image_dir: Path | None) -> pa.DataFrameSchema:
     image_checks = [pa.Check.str_endswith(".jpg", error="image name must end in .jpg")]
     if image_dir is not None:
         image_checks.append(
-            pa.Check(lambda s: s.map(lambda name: (image_dir / name).is_file()), error=f"image file missing in {image_dir}")
+            pa.Check(
+                lambda s: s.map(lambda name: (image_dir / name).is_file()), error=f"image file missing in {image_dir}"
+            )
         )
     return pa.DataFrameSchema(
         {

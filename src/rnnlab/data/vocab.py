@@ -31,9 +31,7 @@ class Vocab:
     pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
 
     @classmethod
-    def build(
-        cls, token_lists: Iterable[Iterable[str]], min_freq: int = 1, max_size: int | None = None
-    ) -> Vocab:
+    def build(cls, token_lists: Iterable[Iterable[str]], min_freq: int = 1, max_size: int | None = None) -> Vocab:
         """Count tokens (of the train split only) and keep those with count >= min_freq.
 
         ``max_size`` caps the total size, specials included.

@@ -60,11 +60,16 @@ def _rows(features: Tensor, tokens: Tensor, image_index: Tensor | None) -> Tenso
 
 
 class _CaptionDecoderBase(nn.Module):
-    def __init__(self, vocab_size: int, feature_size: int, embedding_size: int, hidden_size: int,
-                 dropout: float, pad_id: int):
+    def __init__(
+        self, vocab_size: int, feature_size: int, embedding_size: int, hidden_size: int, dropout: float, pad_id: int
+    ):
         super().__init__()
-        for key, value in (("vocab_size", vocab_size), ("feature_size", feature_size),
-                           ("embedding_size", embedding_size), ("hidden_size", hidden_size)):
+        for key, value in (
+            ("vocab_size", vocab_size),
+            ("feature_size", feature_size),
+            ("embedding_size", embedding_size),
+            ("hidden_size", hidden_size),
+        ):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if not 0.0 <= dropout < 1.0:
@@ -86,11 +91,25 @@ class _CaptionDecoderBase(nn.Module):
 class ShowAndTell(_CaptionDecoderBase):
     """Image -> first LSTM input; words -> ``nn.LSTM`` -> linear (see the module docstring)."""
 
-    def __init__(self, vocab_size: int, feature_size: int, *, embedding_size: int, hidden_size: int,
-                 dropout: float, pad_id: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_size: int,
+        *,
+        embedding_size: int,
+        hidden_size: int,
+        dropout: float,
+        pad_id: int = 0,
+    ):
         super().__init__(vocab_size, feature_size, embedding_size, hidden_size, dropout, pad_id)
-        self.hparams = dict(vocab_size=vocab_size, feature_size=feature_size, embedding_size=embedding_size,
-                            hidden_size=hidden_size, dropout=dropout, pad_id=pad_id)
+        self.hparams = dict(
+            vocab_size=vocab_size,
+            feature_size=feature_size,
+            embedding_size=embedding_size,
+            hidden_size=hidden_size,
+            dropout=dropout,
+            pad_id=pad_id,
+        )
         self.image_embedding = nn.Linear(feature_size, embedding_size)
         self.lstm = nn.LSTM(embedding_size, hidden_size, batch_first=True)
         self._init_output_weights()
@@ -132,13 +151,29 @@ class ShowAndTell(_CaptionDecoderBase):
 class ShowAttendTell(_CaptionDecoderBase):
     """Soft attention over the spatial positions at every step (see the module docstring)."""
 
-    def __init__(self, vocab_size: int, feature_size: int, *, embedding_size: int, hidden_size: int,
-                 attention_size: int, dropout: float, pad_id: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_size: int,
+        *,
+        embedding_size: int,
+        hidden_size: int,
+        attention_size: int,
+        dropout: float,
+        pad_id: int = 0,
+    ):
         super().__init__(vocab_size, feature_size, embedding_size, hidden_size, dropout, pad_id)
         if attention_size < 1:
             raise ConfigError(f"attention_size must be >= 1, got {attention_size}")
-        self.hparams = dict(vocab_size=vocab_size, feature_size=feature_size, embedding_size=embedding_size,
-                            hidden_size=hidden_size, attention_size=attention_size, dropout=dropout, pad_id=pad_id)
+        self.hparams = dict(
+            vocab_size=vocab_size,
+            feature_size=feature_size,
+            embedding_size=embedding_size,
+            hidden_size=hidden_size,
+            attention_size=attention_size,
+            dropout=dropout,
+            pad_id=pad_id,
+        )
         self.init_h = nn.Linear(feature_size, hidden_size)
         self.init_c = nn.Linear(feature_size, hidden_size)
         self.feature_attention = nn.Linear(feature_size, attention_size)  # W_a a_i (once per image)

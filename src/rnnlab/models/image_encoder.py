@@ -152,7 +152,11 @@ def _small_cnn() -> ImageEncoder:
     layers: list[nn.Module] = []
     channels = [3, 32, 64, 128, 256, 256]
     for c_in, c_out in zip(channels[:-1], channels[1:]):  # five stride-2 blocks: 224 -> 7
-        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        ]
     return ImageEncoder("small_cnn", nn.Sequential(*layers), channels[-1], IMAGENET_MEAN, IMAGENET_STD)
 
 

@@ -59,8 +59,15 @@ class RecurrentLanguageModel(nn.Module):
     ):
         super().__init__()
         check_lm_hparams(embedding_size, hidden_size, num_layers, dropout, tie_weights)
-        self.hparams = dict(vocab_size=vocab_size, core=core, embedding_size=embedding_size, hidden_size=hidden_size,
-                            num_layers=num_layers, dropout=dropout, tie_weights=tie_weights)
+        self.hparams = dict(
+            vocab_size=vocab_size,
+            core=core,
+            embedding_size=embedding_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout,
+            tie_weights=tie_weights,
+        )
         self.core_name, self.hidden_size, self.num_layers = core, hidden_size, num_layers
         self.drop = nn.Dropout(dropout)
         self.embedding = nn.Embedding(vocab_size, embedding_size)
@@ -90,7 +97,9 @@ class RecurrentLanguageModel(nn.Module):
         return self.rnn.layers
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu"):
-        zeros = torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.decoder.weight.dtype)
+        zeros = torch.zeros(
+            self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.decoder.weight.dtype
+        )
         return (zeros, zeros.clone()) if self.cell_type == "lstm" else zeros
 
     def forward(self, tokens: torch.Tensor, state=None):

@@ -34,7 +34,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-
 def lstm_cell(
     gates_x: torch.Tensor,
     h: torch.Tensor,
@@ -110,7 +109,9 @@ class LSTMWindowFunction(torch.autograd.Function):
         # Local derivatives of every step at once; the loop below only chains them backwards.
         do_pre_dh = tanh_cs * o * (1 - o)  # d o_pre / d h(t)
         dc_dh = o * (1 - tanh_cs * tanh_cs)  # d c(t) / d h(t), within the step
-        difg_pre_dc = torch.stack([g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)], dim=2)  # [seq, batch, 3, h]
+        difg_pre_dc = torch.stack(
+            [g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)], dim=2
+        )  # [seq, batch, 3, h]
         grad_gates = torch.empty_like(acts)  # d L / d gate pre-activations: [seq, batch, 4h]
         grad_gates_4 = grad_gates.view(seq_len, batch, 4, hid)
         if grad_out is None:
@@ -222,8 +223,9 @@ class HandLSTM(nn.Module):
     (h_last, c_last))``, the call signature of ``nn.LSTM``, so the two swap in the shell.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
-                 peepholes: bool = True):
+    def __init__(
+        self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0, peepholes: bool = True
+    ):
         super().__init__()
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.layers = nn.ModuleList(

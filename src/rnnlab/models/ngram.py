@@ -277,7 +277,9 @@ class KneserNeyLanguageModel:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
                 if header.get("format_version") != FORMAT_VERSION:
-                    raise DataError(f"{path}: n-gram model format {header.get('format_version')}, expected {FORMAT_VERSION}")
+                    raise DataError(
+                        f"{path}: n-gram model format {header.get('format_version')}, expected {FORMAT_VERSION}"
+                    )
                 model = cls(header["order"], header["discount"], header["vocab_size"], header["interpolate_uniform"])
                 model.discounts = list(header["discounts"])
                 model.keys = [None] + [data[f"keys_{k}"] for k in range(2, model.order + 1)]

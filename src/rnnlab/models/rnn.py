@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 
-
 class ElmanRNNLayer(nn.Module):
     """One tanh recurrent layer: ``h(t) = tanh(U x(t) + W h(t-1) + b)``."""
 

@@ -95,7 +95,11 @@ class Encoder(nn.Module):
         self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=pad_id)
         self.dropout = nn.Dropout(dropout)
         self.rnn = nn.LSTM(
-            embedding_size, hidden_size, num_layers, batch_first=True, bidirectional=True,
+            embedding_size,
+            hidden_size,
+            num_layers,
+            batch_first=True,
+            bidirectional=True,
             dropout=dropout if num_layers > 1 else 0.0,
         )
         # One bridge for h and one for c, shared by all layers: [fwd; bwd] -> decoder hidden.
@@ -182,8 +186,9 @@ class Decoder(nn.Module):
         input_size = embedding_size
         input_size += hidden_size if self.input_feeding else 0
         input_size += memory_size if self.summary_each_step else 0
-        self.rnn = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
-                           dropout=dropout if num_layers > 1 else 0.0)
+        self.rnn = nn.LSTM(
+            input_size, hidden_size, num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
         self.attention = Attention(attention, hidden_size, memory_size)
         if self.attends:
             self.combine = nn.Linear(hidden_size + memory_size, hidden_size, bias=False)  # Luong's W_c
@@ -193,8 +198,13 @@ class Decoder(nn.Module):
         batch = enc.outputs.size(0)
         feed = enc.outputs.new_zeros(batch, self.hidden_size) if self.input_feeding else None
         return DecoderState(
-            h=enc.state[0], c=enc.state[1], feed=feed, memory=enc.outputs,
-            keys=self.attention.project_keys(enc.outputs), mask=enc.mask, summary=enc.summary,
+            h=enc.state[0],
+            c=enc.state[1],
+            feed=feed,
+            memory=enc.outputs,
+            keys=self.attention.project_keys(enc.outputs),
+            mask=enc.mask,
+            summary=enc.summary,
         )
 
     def _inputs(self, emb: Tensor, state: DecoderState) -> Tensor:
@@ -220,8 +230,13 @@ class Decoder(nn.Module):
         attentional, weights = self._attend(rnn_out, state)  # [rows, 1, H], [rows, 1, S]
         logits = self.output(self.dropout(attentional)).squeeze(1)  # [rows, vocab]
         new_state = DecoderState(
-            h=h, c=c, feed=attentional.squeeze(1) if self.input_feeding else None,
-            memory=state.memory, keys=state.keys, mask=state.mask, summary=state.summary,
+            h=h,
+            c=c,
+            feed=attentional.squeeze(1) if self.input_feeding else None,
+            memory=state.memory,
+            keys=state.keys,
+            mask=state.mask,
+            summary=state.summary,
         )
         return logits, new_state, None if weights is None else weights.squeeze(1)
 
@@ -267,24 +282,51 @@ class Seq2Seq(nn.Module):
         super().__init__()
         if attention not in ATTENTION_KINDS:
             raise ConfigError(f"attention: {attention!r} is unknown; expected one of {list(ATTENTION_KINDS)}")
-        for key, value in (("src_vocab_size", src_vocab_size), ("tgt_vocab_size", tgt_vocab_size),
-                           ("embedding_size", embedding_size), ("hidden_size", hidden_size),
-                           ("num_layers", num_layers)):
+        for key, value in (
+            ("src_vocab_size", src_vocab_size),
+            ("tgt_vocab_size", tgt_vocab_size),
+            ("embedding_size", embedding_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"dropout: expected a number in [0, 1), got {dropout!r}")
         self.hparams = dict(
-            src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, embedding_size=embedding_size,
-            hidden_size=hidden_size, num_layers=num_layers, dropout=dropout, attention=attention,
-            input_feeding=input_feeding, summary_each_step=summary_each_step,
-            src_pad_id=src_pad_id, tgt_pad_id=tgt_pad_id,
+            src_vocab_size=src_vocab_size,
+            tgt_vocab_size=tgt_vocab_size,
+            embedding_size=embedding_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            dropout=dropout,
+            attention=attention,
+            input_feeding=input_feeding,
+            summary_each_step=summary_each_step,
+            src_pad_id=src_pad_id,
+            tgt_pad_id=tgt_pad_id,
         )
-        self.encoder = Encoder(src_vocab_size, embedding_size, hidden_size, num_layers, dropout, src_pad_id,
-                               decoder_hidden_size=hidden_size)
-        self.decoder = Decoder(tgt_vocab_size, embedding_size, hidden_size, num_layers, dropout, attention,
-                               input_feeding, memory_size=2 * hidden_size, summary_each_step=summary_each_step,
-                               pad_id=tgt_pad_id)
+        self.encoder = Encoder(
+            src_vocab_size,
+            embedding_size,
+            hidden_size,
+            num_layers,
+            dropout,
+            src_pad_id,
+            decoder_hidden_size=hidden_size,
+        )
+        self.decoder = Decoder(
+            tgt_vocab_size,
+            embedding_size,
+            hidden_size,
+            num_layers,
+            dropout,
+            attention,
+            input_feeding,
+            memory_size=2 * hidden_size,
+            summary_each_step=summary_each_step,
+            pad_id=tgt_pad_id,
+        )
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
         return self.encoder(src, src_lengths)

@@ -43,8 +43,9 @@ def training_section(params: dict, name: str, experiment: str) -> TrainingSectio
         raise ConfigError(f"{name}: expected a mapping, got {data!r}")
     unknown = sorted(set(data) - {"experiment", "trainer", "defaults", "runs"})
     if unknown:
-        raise ConfigError(f"{name}.{unknown[0]}: unknown key; valid keys: ['defaults', 'experiment', 'runs', "
-                          "'trainer']")
+        raise ConfigError(
+            f"{name}.{unknown[0]}: unknown key; valid keys: ['defaults', 'experiment', 'runs', 'trainer']"
+        )
     shared = params.get("trainer", {}) or {}
     own = data.get("trainer", {}) or {}
     for where, block in (("trainer", shared), (f"{name}.trainer", own)):
@@ -54,8 +55,10 @@ def training_section(params: dict, name: str, experiment: str) -> TrainingSectio
     experiment_name = data.get("experiment", experiment)
     if not isinstance(experiment_name, str) or not experiment_name:
         raise ConfigError(f"{name}.experiment: expected a non-empty string, got {experiment_name!r}")
-    runs = {run: (where, merged) for where, run, merged in merged_runs(name, data.get("defaults", {}) or {},
-                                                                          data.get("runs"))}
+    runs = {
+        run: (where, merged)
+        for where, run, merged in merged_runs(name, data.get("defaults", {}) or {}, data.get("runs"))
+    }
     return TrainingSection(name=name, experiment=experiment_name, trainer=trainer, runs=runs)
 
 

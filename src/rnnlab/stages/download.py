@@ -39,8 +39,14 @@ def download_stage(params: dict, raw_dir: Path, metrics_path: Path) -> dict:
     report = {}
     for name in cfg.corpora:
         r = fetch_corpus(name, raw_dir, mirror, cfg.retries, cfg.timeout_s, cfg.progress)
-        log.info("%s: %d files from %s (%d fetched, %d already verified)", name, r.files, r.origin, r.fetched,
-                 r.already_present)
+        log.info(
+            "%s: %d files from %s (%d fetched, %d already verified)",
+            name,
+            r.files,
+            r.origin,
+            r.fetched,
+            r.already_present,
+        )
         report[name] = {"files": r.files, "origin": r.origin}
     write_json(metrics_path, report)
     return report

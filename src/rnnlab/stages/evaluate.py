@@ -62,8 +62,9 @@ class EvaluateConfig:
             raise ConfigError(f"{where}.limit_test: expected null or an integer >= 1, got {self.limit_test!r}")
         for key in ("seq2seq_beam_sizes", "caption_beam_sizes"):
             if not getattr(self, key) or any(b < 1 for b in getattr(self, key)):
-                raise ConfigError(f"{where}.{key}: expected a non-empty list of integers >= 1, got "
-                                  f"{getattr(self, key)!r}")
+                raise ConfigError(
+                    f"{where}.{key}: expected a non-empty list of integers >= 1, got {getattr(self, key)!r}"
+                )
 
 
 def parse_evaluate_config(params: dict) -> EvaluateConfig:
@@ -102,8 +103,14 @@ def _beam_rows(result: dict, run: str) -> list[dict]:
             rows += [{"run": run, **{k: _round(v) for k, v in r.items()}} for r in value]
         elif isinstance(value, dict) and (key == "greedy" or (key.startswith("beam") and key[4:].isdigit())):
             beam = 1 if key == "greedy" else int(key[4:])
-            rows.append({"run": run, "beam": beam, "decoding": key,
-                         **{k: _round(v) for k, v in value.items() if isinstance(v, (int, float))}})
+            rows.append(
+                {
+                    "run": run,
+                    "beam": beam,
+                    "decoding": key,
+                    **{k: _round(v) for k, v in value.items() if isinstance(v, (int, float))},
+                }
+            )
     return rows
 
 
@@ -127,8 +134,9 @@ def _trained_runs(params: dict, train_section: str, metrics_dir: Path, skipped: 
     return out
 
 
-def _score_language_models(params: dict, cfg: EvaluateConfig, paths: StagePaths, models_dir: Path,
-                           metrics_dir: Path, skipped: dict) -> list[dict]:
+def _score_language_models(
+    params: dict, cfg: EvaluateConfig, paths: StagePaths, models_dir: Path, metrics_dir: Path, skipped: dict
+) -> list[dict]:
     lm = task_module("train_lm")
     entries = []
     for name, run, row_in in _trained_runs(params, "train_lm", metrics_dir, skipped):
@@ -136,9 +144,14 @@ def _score_language_models(params: dict, cfg: EvaluateConfig, paths: StagePaths,
         target = model_dir / "model.ckpt" if (model_dir / "model.ckpt").exists() else model_dir
         result = lm.score(target, paths.prepared / run.corpus, cfg.lm_batch_size, cfg.lm_bptt, cfg.limit_test)
         split = result["split"]
-        row = {"task": "lm", "metric": "bpc" if run.char_level else "ppl", "split": split,
-               f"{split}_ppl": round(result["ppl"], 3), f"{split}_loss": round(result["loss"], 5),
-               "tokens": result["tokens"]}
+        row = {
+            "task": "lm",
+            "metric": "bpc" if run.char_level else "ppl",
+            "split": split,
+            f"{split}_ppl": round(result["ppl"], 3),
+            f"{split}_loss": round(result["loss"], 5),
+            "tokens": result["tokens"],
+        }
         if target.is_file():  # neural: batchified stream; an n-gram scores every position
             row.update(batch_size=cfg.lm_batch_size, bptt=cfg.lm_bptt)
         if run.char_level and result.get("bpc") is not None:
@@ -147,13 +160,32 @@ def _score_language_models(params: dict, cfg: EvaluateConfig, paths: StagePaths,
             row["params"] = row_in["params"]
         if row_in.get("mlflow_run_id"):
             row["mlflow_run_id"] = row_in["mlflow_run_id"]
-        entries.append({"task": "lm", "key": (run.corpus, run.model), "name": name, "row": row,
-                        "checkpoint": target, "corpus": run.corpus, "model": run.model, "char": run.char_level})
+        entries.append(
+            {
+                "task": "lm",
+                "key": (run.corpus, run.model),
+                "name": name,
+                "row": row,
+                "checkpoint": target,
+                "corpus": run.corpus,
+                "model": run.model,
+                "char": run.char_level,
+            }
+        )
     return entries
 
 
-def _score_decoders(train_section: str, params: dict, beams: list[int], paths: StagePaths, models_dir: Path,
-                    metrics_dir: Path, skipped: dict, beam_rows: list[dict], limit: int | None) -> list[dict]:
+def _score_decoders(
+    train_section: str,
+    params: dict,
+    beams: list[int],
+    paths: StagePaths,
+    models_dir: Path,
+    metrics_dir: Path,
+    skipped: dict,
+    beam_rows: list[dict],
+    limit: int | None,
+) -> list[dict]:
     """Translators and captioners: each run's model folder rescored by its task's ``score``."""
     task = task_module(train_section)
     entries = []
@@ -161,8 +193,12 @@ def _score_decoders(train_section: str, params: dict, beams: list[int], paths: S
         model_dir = models_dir / MODEL_SUBDIRS[train_section] / name
         result = task.score(model_dir, paths, beams, limit=limit)
         result = {k: v for k, v in result.items() if not isinstance(v, dict) or k != "params"}
-        row = {"task": task.TASK, "corpus": task.CORPUS, "beam_sizes": ",".join(map(str, beams)),
-               **_flatten_result(result)}
+        row = {
+            "task": task.TASK,
+            "corpus": task.CORPUS,
+            "beam_sizes": ",".join(map(str, beams)),
+            **_flatten_result(result),
+        }
         if isinstance(row_in.get("params"), int):
             row.setdefault("params", row_in["params"])
         if row_in.get("mlflow_run_id"):
@@ -170,8 +206,19 @@ def _score_decoders(train_section: str, params: dict, beams: list[int], paths: S
         beam_rows += [{"task": task.TASK, **r} for r in _beam_rows(result, name)]
         ckpt = model_dir / "model.ckpt" if (model_dir / "model.ckpt").exists() else model_dir
         select = next((row_in[k] for k in SELECT_KEYS if isinstance(row_in.get(k), (int, float))), 0.0)
-        entries.append({"task": task.TASK, "key": (name,), "name": name, "row": row, "checkpoint": ckpt,
-                        "corpus": task.CORPUS, "model": name, "result": result, "select": select})
+        entries.append(
+            {
+                "task": task.TASK,
+                "key": (name,),
+                "name": name,
+                "row": row,
+                "checkpoint": ckpt,
+                "corpus": task.CORPUS,
+                "model": name,
+                "result": result,
+                "select": select,
+            }
+        )
     return entries
 
 
@@ -184,9 +231,16 @@ def _lm_sample(entry: dict, cfg: EvaluateConfig, seed: int) -> str:
     return prompt + ("" if entry["char"] else " ") + text
 
 
-def evaluate_stage(params: dict, paths: StagePaths, models_dir: Path, metrics_dir: Path, metrics_path: Path,
-                   reports_dir: Path = Path("data/reports"), plots_dir: Path = Path("data/plots/evaluate"),
-                   extra_png_dirs: tuple[Path, ...] = (Path("data/study"),)) -> dict:
+def evaluate_stage(
+    params: dict,
+    paths: StagePaths,
+    models_dir: Path,
+    metrics_dir: Path,
+    metrics_path: Path,
+    reports_dir: Path = Path("data/reports"),
+    plots_dir: Path = Path("data/plots/evaluate"),
+    extra_png_dirs: tuple[Path, ...] = (Path("data/study"),),
+) -> dict:
     """Score, write ``metrics_path`` (the table), ``plots_dir`` (plot data), ``reports_dir``; returns the table."""
     from rnnlab.tracking import default_tracking_uri, tracked_run
 
@@ -195,10 +249,28 @@ def evaluate_stage(params: dict, paths: StagePaths, models_dir: Path, metrics_di
     skipped: dict[str, str] = {}
     beam_rows: list[dict] = []
     entries = _score_language_models(params, cfg, paths, models_dir, metrics_dir, skipped)
-    entries += _score_decoders("train_seq2seq", params, cfg.seq2seq_beam_sizes, paths, models_dir, metrics_dir,
-                               skipped, beam_rows, cfg.limit_test)
-    entries += _score_decoders("train_captioner", params, cfg.caption_beam_sizes, paths, models_dir, metrics_dir,
-                               skipped, beam_rows, cfg.limit_test)
+    entries += _score_decoders(
+        "train_seq2seq",
+        params,
+        cfg.seq2seq_beam_sizes,
+        paths,
+        models_dir,
+        metrics_dir,
+        skipped,
+        beam_rows,
+        cfg.limit_test,
+    )
+    entries += _score_decoders(
+        "train_captioner",
+        params,
+        cfg.caption_beam_sizes,
+        paths,
+        models_dir,
+        metrics_dir,
+        skipped,
+        beam_rows,
+        cfg.limit_test,
+    )
     for task, why in skipped.items():
         log.warning("evaluate: %s skipped: %s", task, why)
 
@@ -215,22 +287,37 @@ def evaluate_stage(params: dict, paths: StagePaths, models_dir: Path, metrics_di
     write_json(plots_dir / "lm_ppl.json", lm_rows)
     # One key set for every row: DVC cannot render a plot file whose rows have different keys
     # (translation has chrF, captioning BLEU-1..4; those stay in evaluate.json).
-    write_json(plots_dir / "bleu_vs_beam.json",
-               [{k: r.get(k) for k in ("task", "run", "beam", "sacrebleu")} for r in beam_rows])
+    write_json(
+        plots_dir / "bleu_vs_beam.json",
+        [{k: r.get(k) for k in ("task", "run", "beam", "sacrebleu")} for r in beam_rows],
+    )
     samples = {e["name"]: s for e in entries if e["task"] == "lm" for s in [_lm_sample(e, cfg, seed)] if s}
 
     eval_run_id = None
     registered: dict[str, str] = {}
     scored = {f"scored.{e['name']}": e["row"]["mlflow_run_id"] for e in entries if e["row"].get("mlflow_run_id")}
-    data_deps = sorted(p for s in TASK_MODULES for p in (metrics_dir / s).glob("*.json")) if metrics_dir.is_dir() else []
-    with tracked_run(run_name="evaluate", stage="evaluate", experiment=cfg.experiment,
-                     enabled=tracking_enabled(params), params=asdict(cfg), data_deps=data_deps,
-                     tags={"task": "evaluate", **{f"skipped.{k}": v for k, v in skipped.items()}}) as tracker:
+    data_deps = (
+        sorted(p for s in TASK_MODULES for p in (metrics_dir / s).glob("*.json")) if metrics_dir.is_dir() else []
+    )
+    with tracked_run(
+        run_name="evaluate",
+        stage="evaluate",
+        experiment=cfg.experiment,
+        enabled=tracking_enabled(params),
+        params=asdict(cfg),
+        data_deps=data_deps,
+        tags={"task": "evaluate", **{f"skipped.{k}": v for k, v in skipped.items()}},
+    ) as tracker:
         eval_run_id = tracker.run_id
         for e in entries:
             prefix = ".".join([e["task"], *e["key"]])
-            tracker.log_metrics({f"{prefix}.{k}": v for k, v in e["row"].items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tracker.log_metrics(
+                {
+                    f"{prefix}.{k}": v
+                    for k, v in e["row"].items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+            )
         tracker.set_tags(scored)
         if eval_run_id and cfg.register_models:
             # pyfunc models need the fluent API on a finished flush: log them after the queue is sent
@@ -241,13 +328,21 @@ def evaluate_stage(params: dict, paths: StagePaths, models_dir: Path, metrics_di
             for e in sorted(entries, key=lambda e: (e["task"] != "lm", e.get("select", 0.0))):
                 name = registered_name(e["task"], e["corpus"], e["model"])
                 config = {"char_level": e.get("char", False)} if e["task"] == "lm" else {}
-                info = log_and_register(e["task"], e["checkpoint"], name, eval_run_id, default_tracking_uri(),
-                                        model_config=config, training_run_id=e["row"].get("mlflow_run_id"),
-                                        run_name=e["name"])
+                info = log_and_register(
+                    e["task"],
+                    e["checkpoint"],
+                    name,
+                    eval_run_id,
+                    default_tracking_uri(),
+                    model_config=config,
+                    training_run_id=e["row"].get("mlflow_run_id"),
+                    run_name=e["name"],
+                )
                 registered[e["name"]] = f"{name}/{info['version']}"
                 e["row"]["registered_model"] = registered[e["name"]]
-    report = write_report(reports_dir, entries, skipped, samples, eval_run_id, registered, models_dir,
-                          list(extra_png_dirs))
+    report = write_report(
+        reports_dir, entries, skipped, samples, eval_run_id, registered, models_dir, list(extra_png_dirs)
+    )
     if eval_run_id:
         import mlflow
 

@@ -54,8 +54,12 @@ class FeaturesConfig:
         require(self.encoder in ENCODER_NAMES, f"{where}.encoder", f"one of {list(ENCODER_NAMES)}", self.encoder)
         require(self.batch_size >= 1, f"{where}.batch_size", "an integer >= 1", self.batch_size)
         require(self.num_workers >= 0, f"{where}.num_workers", "an integer >= 0", self.num_workers)
-        require(self.limit_images is None or self.limit_images >= 1, f"{where}.limit_images",
-                "null or an integer >= 1", self.limit_images)
+        require(
+            self.limit_images is None or self.limit_images >= 1,
+            f"{where}.limit_images",
+            "null or an integer >= 1",
+            self.limit_images,
+        )
 
 
 def parse_features_config(params: dict) -> FeaturesConfig:
@@ -93,9 +97,17 @@ def features_stage(params: dict, prepared_dir: Path, raw_dir: Path, out_dir: Pat
             last[0] = now
             log.info("features: %d / %d images", done, total)
 
-    summary = extract_features(image_dir, names, out_dir / FEATURES_FILE, out_dir / INDEX_FILE,
-                               encoder_name=cfg.encoder, weights_path=cfg.weights, batch_size=cfg.batch_size,
-                               num_workers=cfg.num_workers, progress=progress)
+    summary = extract_features(
+        image_dir,
+        names,
+        out_dir / FEATURES_FILE,
+        out_dir / INDEX_FILE,
+        encoder_name=cfg.encoder,
+        weights_path=cfg.weights,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        progress=progress,
+    )
     bad = {p["image"]: p["reason"] for p in summary["problems"]}
     lost = captions[captions["image"].isin(bad)]
     metrics = {
@@ -119,7 +131,8 @@ def features_stage(params: dict, prepared_dir: Path, raw_dir: Path, out_dir: Pat
         listing = "; ".join(f"{image_dir / n}: {r}" for n, r in bad.items())
         raise DataError(f"features: {len(bad)} image(s) could not be used (features.on_bad_image: fail): {listing}")
     if bad:
-        log.warning("features: dropped %d bad image(s) and their %d captions: %s", len(bad), len(lost),
-                    list(bad.items())[:5])
+        log.warning(
+            "features: dropped %d bad image(s) and their %d captions: %s", len(bad), len(lost), list(bad.items())[:5]
+        )
     log.info("features: %d images at %.1f images/s", summary["encoded"], summary["images_per_s"])
     return metrics

@@ -17,8 +17,13 @@ def study_stage(params: dict, prepared_dir: Path, plots_dir: Path, pictures_dir:
 
     cfg = parse_study_config(section(params, "study"))
     seed = get_seed(params)
-    with tracked_run(run_name="study", stage="study", experiment=cfg.experiment, enabled=tracking_enabled(params),
-                     params={"seed": seed, **asdict(cfg)},
-                     data_deps=[prepared_dir / cfg.corpus / f for f in ("train.npy", "valid.npy")],
-                     tags={"task": "study"}) as tracker:
+    with tracked_run(
+        run_name="study",
+        stage="study",
+        experiment=cfg.experiment,
+        enabled=tracking_enabled(params),
+        params={"seed": seed, **asdict(cfg)},
+        data_deps=[prepared_dir / cfg.corpus / f for f in ("train.npy", "valid.npy")],
+        tags={"task": "study"},
+    ) as tracker:
         return run_study(cfg, seed, prepared_dir, plots_dir, pictures_dir, metrics_path, tracker)

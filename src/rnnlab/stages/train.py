@@ -34,8 +34,11 @@ from rnnlab.tasks.base import RunContext, StagePaths
 
 log = logging.getLogger(__name__)
 
-TASK_MODULES = {"train_lm": "rnnlab.tasks.lm", "train_seq2seq": "rnnlab.tasks.translation",
-                "train_captioner": "rnnlab.tasks.captioning"}
+TASK_MODULES = {
+    "train_lm": "rnnlab.tasks.lm",
+    "train_seq2seq": "rnnlab.tasks.translation",
+    "train_captioner": "rnnlab.tasks.captioning",
+}
 
 
 def task_module(section: str):
@@ -54,8 +57,16 @@ def _finite(row: dict) -> dict:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
 
-def train_stage(params: dict, section: str, run_name: str, paths: StagePaths, models_dir: Path,
-                metrics_path: Path, plots_path: Path, checkpoints_root: Path = Path("data/checkpoints")) -> dict:
+def train_stage(
+    params: dict,
+    section: str,
+    run_name: str,
+    paths: StagePaths,
+    models_dir: Path,
+    metrics_path: Path,
+    plots_path: Path,
+    checkpoints_root: Path = Path("data/checkpoints"),
+) -> dict:
     """Train run ``run_name`` of ``section``; returns its metrics row."""
     from rnnlab.tracking import md5_path, tracked_run
 
@@ -82,8 +93,13 @@ def train_stage(params: dict, section: str, run_name: str, paths: StagePaths, mo
         return row
 
     data_files = task.data_files(run, paths)
-    identity = {"stage": section, "run": dataclasses.asdict(run), "trainer": sec.trainer.resume_identity(),
-                "seed": seed, "data": {p.as_posix(): md5_path(p) for p in data_files}}
+    identity = {
+        "stage": section,
+        "run": dataclasses.asdict(run),
+        "trainer": sec.trainer.resume_identity(),
+        "seed": seed,
+        "data": {p.as_posix(): md5_path(p) for p in data_files},
+    }
     resume = ResumeDir(Path(checkpoints_root) / section / run_name, identity, enabled=sec.trainer.resume)
     started = time.perf_counter()
     with tracked_run(
@@ -98,15 +114,25 @@ def train_stage(params: dict, section: str, run_name: str, paths: StagePaths, mo
     ) as tracker:
         resume.record_run_id(tracker.run_id)
         seed_everything(seed)
-        ctx = RunContext(name=run_name, where=where, seed=seed, trainer=sec.trainer, paths=paths, out_dir=out_dir,
-                         resume=resume, tracker=tracker, writer=writer)
+        ctx = RunContext(
+            name=run_name,
+            where=where,
+            seed=seed,
+            trainer=sec.trainer,
+            paths=paths,
+            out_dir=out_dir,
+            resume=resume,
+            tracker=tracker,
+            writer=writer,
+        )
         output = task.train(run, ctx)
         row = _finite(output.row)
         row["stage_wall_s"] = round(time.perf_counter() - started, 1)
         row["mlflow_run_id"] = tracker.run_id or resume.mlflow_run_id
         if writer:
-            tracker.log_metrics({f"final/{k}": v for k, v in row.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tracker.log_metrics(
+                {f"final/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )
             tracker.set_tags({k: v for k, v in row.items() if k.endswith("_signature")})
             for path, folder in output.artifacts:
                 tracker.log_artifact(path, folder)
@@ -134,9 +160,14 @@ def main(section: str, description: str | None = None, argv: list[str] | None = 
     ap.add_argument("--models", type=Path, required=True, help="the task's model root (data/models/lm)")
     ap.add_argument("--metrics", type=Path, required=True, help="this run's metrics JSON")
     ap.add_argument("--plots", type=Path, required=True, help="this run's plot data JSON")
-    ap.add_argument("--checkpoints", type=Path, default=Path("data/checkpoints"),
-                    help="root of the resume folders (outside every DVC output)")
+    ap.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=Path("data/checkpoints"),
+        help="root of the resume folders (outside every DVC output)",
+    )
     args = ap.parse_args(argv)
     paths = StagePaths(prepared=args.prepared, features=args.features, raw=args.raw)
-    return train_stage(load_params(args.params), section, args.run, paths, args.models, args.metrics, args.plots,
-                       args.checkpoints)
+    return train_stage(
+        load_params(args.params), section, args.run, paths, args.models, args.metrics, args.plots, args.checkpoints
+    )

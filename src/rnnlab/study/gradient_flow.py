@@ -91,8 +91,9 @@ def _window_gradient_norms(model: nn.Module, window: torch.Tensor, wrt: str) -> 
     return norms
 
 
-def windows_from_stream(ids: np.ndarray | torch.Tensor, window_len: int, batch_size: int, num_windows: int,
-                        seed: int = 0) -> list[torch.Tensor]:
+def windows_from_stream(
+    ids: np.ndarray | torch.Tensor, window_len: int, batch_size: int, num_windows: int, seed: int = 0
+) -> list[torch.Tensor]:
     """``num_windows`` windows [window_len + 1, batch_size] cut at random offsets of an id stream."""
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     span = window_len + 1

@@ -127,14 +127,34 @@ def fit_long_lag(
     """
     with single_threaded():
         return _fit_long_lag(
-            model_kind, lag, steps, seed, batch_size, hidden_size, learning_rate, clip_grad_norm, forget_bias,
-            embedding_std, eval_size, task,
+            model_kind,
+            lag,
+            steps,
+            seed,
+            batch_size,
+            hidden_size,
+            learning_rate,
+            clip_grad_norm,
+            forget_bias,
+            embedding_std,
+            eval_size,
+            task,
         )
 
 
 def _fit_long_lag(
-    model_kind, lag, steps, seed, batch_size, hidden_size, learning_rate, clip_grad_norm, forget_bias, embedding_std,
-    eval_size, task,
+    model_kind,
+    lag,
+    steps,
+    seed,
+    batch_size,
+    hidden_size,
+    learning_rate,
+    clip_grad_norm,
+    forget_bias,
+    embedding_std,
+    eval_size,
+    task,
 ) -> LongLagResult:
     task = task or LongLagTask(lag)
     if task.lag != lag:

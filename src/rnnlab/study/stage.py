@@ -62,11 +62,16 @@ class GradientFlowConfig:
     def validate(self, where: str) -> None:
         for m in self.models:
             if m not in RECURRENT:
-                raise ConfigError(f"{where}.models: {m!r} has no hidden state to differentiate; "
-                                  f"valid: {list(RECURRENT)}")
+                raise ConfigError(
+                    f"{where}.models: {m!r} has no hidden state to differentiate; valid: {list(RECURRENT)}"
+                )
         require(self.window >= 3, f"{where}.window", "an integer >= 3", self.window)
-        require(1 < self.report_lag < self.window, f"{where}.report_lag", f"an integer in (1, window={self.window})",
-                self.report_lag)
+        require(
+            1 < self.report_lag < self.window,
+            f"{where}.report_lag",
+            f"an integer in (1, window={self.window})",
+            self.report_lag,
+        )
         for key in ("embedding_size", "hidden_size", "batch_size", "num_windows", "train_batch_size", "bptt"):
             require(getattr(self, key) >= 1, f"{where}.{key}", "an integer >= 1", getattr(self, key))
         require(self.train_steps >= 0, f"{where}.train_steps", "an integer >= 0", self.train_steps)
@@ -87,8 +92,12 @@ class LongLagConfig:
         for m in self.models:
             if m not in LANGUAGE_MODELS:
                 raise ConfigError(f"{where}.models: unknown model {m!r}; valid names: {sorted(LANGUAGE_MODELS)}")
-        require(len(self.lags) >= 1 and all(lag >= 0 for lag in self.lags), f"{where}.lags",
-                "a non-empty list of integers >= 0", self.lags)
+        require(
+            len(self.lags) >= 1 and all(lag >= 0 for lag in self.lags),
+            f"{where}.lags",
+            "a non-empty list of integers >= 0",
+            self.lags,
+        )
         require(self.steps >= 1, f"{where}.steps", "an integer >= 1", self.steps)
 
 
@@ -139,8 +148,15 @@ def _small_model(kind: str, vocab_size: int, emb: int, hid: int, forget_bias: fl
     return model
 
 
-def train_tbptt(model: nn.Module, train_ids: np.ndarray, steps: int, batch_size: int, bptt: int,
-                optimizer: torch.optim.Optimizer, clip: float | None) -> list[dict]:
+def train_tbptt(
+    model: nn.Module,
+    train_ids: np.ndarray,
+    steps: int,
+    batch_size: int,
+    bptt: int,
+    optimizer: torch.optim.Optimizer,
+    clip: float | None,
+) -> list[dict]:
     """``steps`` truncated-BPTT updates over the batchified stream (state carried, detached);
     returns per-step ``{step, loss, grad_norm}`` with the gradient norm measured *before* clipping.
     Stops early (recorded) if the loss or the gradient is not finite."""
@@ -173,15 +189,17 @@ def _norms_float64(model: nn.Module, windows: list[torch.Tensor]) -> np.ndarray:
     return gradient_norm_by_lag(copy.deepcopy(model).double(), windows)
 
 
-def gradient_flow_experiment(cfg: GradientFlowConfig, train_ids: np.ndarray, valid_ids: np.ndarray,
-                             vocab_size: int, seed: int) -> tuple[list[dict], dict]:
+def gradient_flow_experiment(
+    cfg: GradientFlowConfig, train_ids: np.ndarray, valid_ids: np.ndarray, vocab_size: int, seed: int
+) -> tuple[list[dict], dict]:
     windows = windows_from_stream(valid_ids, cfg.window, cfg.batch_size, cfg.num_windows, seed=seed)
     curves: dict[str, np.ndarray] = {}
     metrics: dict = {}
     for kind in cfg.models:
         torch.manual_seed(seed)
-        model = _small_model(kind, vocab_size, cfg.embedding_size, cfg.hidden_size,
-                             cfg.lstm_forget_bias if "lstm" in kind else 0.0)
+        model = _small_model(
+            kind, vocab_size, cfg.embedding_size, cfg.hidden_size, cfg.lstm_forget_bias if "lstm" in kind else 0.0
+        )
         curves[f"{kind}_init"] = _norms_float64(model, windows)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         steps = train_tbptt(model, train_ids, cfg.train_steps, cfg.train_batch_size, cfg.bptt, optimizer, cfg.clip)
@@ -205,7 +223,8 @@ def gradient_flow_experiment(cfg: GradientFlowConfig, train_ids: np.ndarray, val
         key = f"kept_at_lag_{cfg.report_lag}"
         for phase in ("init", "trained"):
             metrics[f"lstm_over_rnn_at_lag_{cfg.report_lag}_{phase}"] = float(
-                f"{metrics['lstm'][phase][key] / metrics['rnn'][phase][key]:.4g}")
+                f"{metrics['lstm'][phase][key] / metrics['rnn'][phase][key]:.4g}"
+            )
     return rows, metrics
 
 
@@ -214,20 +233,31 @@ def long_lag_experiment(cfg: LongLagConfig, seed: int) -> tuple[list[dict], dict
     for lag in cfg.lags:
         row: dict = {"lag": lag}
         for kind in cfg.models:
-            result = fit_long_lag(kind, lag, steps=cfg.steps, seed=seed, batch_size=cfg.batch_size,
-                                  hidden_size=cfg.hidden_size, forget_bias=cfg.forget_bias)
+            result = fit_long_lag(
+                kind,
+                lag,
+                steps=cfg.steps,
+                seed=seed,
+                batch_size=cfg.batch_size,
+                hidden_size=cfg.hidden_size,
+                forget_bias=cfg.forget_bias,
+            )
             row[kind] = round(result.accuracy, 4)
             row["chance"] = result.chance
         rows.append(row)
         log.info("long lag %d: %s", lag, row)
     largest = rows[-1]
-    metrics = {f"accuracy_at_lag_{largest['lag']}": {k: largest[k] for k in cfg.models}, "chance": largest["chance"],
-               "steps": cfg.steps}
+    metrics = {
+        f"accuracy_at_lag_{largest['lag']}": {k: largest[k] for k in cfg.models},
+        "chance": largest["chance"],
+        "steps": cfg.steps,
+    }
     return rows, metrics
 
 
-def clipping_experiment(cfg: ClippingConfig, train_ids: np.ndarray, vocab_size: int, seed: int,
-                        embedding_size: int = 64) -> tuple[list[dict], dict]:
+def clipping_experiment(
+    cfg: ClippingConfig, train_ids: np.ndarray, vocab_size: int, seed: int, embedding_size: int = 64
+) -> tuple[list[dict], dict]:
     runs = {}
     for name, clip in (("clipped", cfg.clip), ("unclipped", None)):
         torch.manual_seed(seed)
@@ -253,8 +283,11 @@ def clipping_experiment(cfg: ClippingConfig, train_ids: np.ndarray, vocab_size: 
             "median_grad_norm": float(f"{np.median(norms[finite]):.4g}") if finite.any() else None,
             "steps_over_clip": int(np.sum(norms[finite] > cfg.clip)),
             "final_loss": round(float(np.mean(losses[finite][-10:])), 4) if finite.any() else None,
-            "diverged_at_step": None if finite.all() and len(log_rows) == cfg.steps else int(np.argmin(finite))
-            if not finite.all() else len(log_rows),
+            "diverged_at_step": None
+            if finite.all() and len(log_rows) == cfg.steps
+            else int(np.argmin(finite))
+            if not finite.all()
+            else len(log_rows),
         }
     return rows, metrics
 
@@ -262,8 +295,16 @@ def clipping_experiment(cfg: ClippingConfig, train_ids: np.ndarray, vocab_size: 
 # ------------------------------------------------------------------------------ pictures
 
 
-def _plot(rows: list[dict], x: str, series: list[str], path: Path, title: str, ylabel: str, logy: bool = False,
-          hline: float | None = None) -> Path:
+def _plot(
+    rows: list[dict],
+    x: str,
+    series: list[str],
+    path: Path,
+    title: str,
+    ylabel: str,
+    logy: bool = False,
+    hline: float | None = None,
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,8 +333,15 @@ def _plot(rows: list[dict], x: str, series: list[str], path: Path, title: str, y
 # ------------------------------------------------------------------------------ stage
 
 
-def run_study(cfg: StudyConfig, seed: int, prepared_dir: Path, plots_dir: Path, pictures_dir: Path,
-              metrics_path: Path, tracker=None) -> dict:
+def run_study(
+    cfg: StudyConfig,
+    seed: int,
+    prepared_dir: Path,
+    plots_dir: Path,
+    pictures_dir: Path,
+    metrics_path: Path,
+    tracker=None,
+) -> dict:
     from rnnlab.data.vocab import Vocab
 
     corpus_dir = prepared_dir / cfg.corpus
@@ -306,15 +354,17 @@ def run_study(cfg: StudyConfig, seed: int, prepared_dir: Path, plots_dir: Path, 
     timings: dict = {}
     with single_threaded():  # tiny models: one intra-op thread is fastest, and kind to a shared CPU
         started = time.perf_counter()
-        grad_rows, metrics["gradient_flow"] = gradient_flow_experiment(cfg.gradient_flow, train_ids, valid_ids,
-                                                                       vocab_size, seed)
+        grad_rows, metrics["gradient_flow"] = gradient_flow_experiment(
+            cfg.gradient_flow, train_ids, valid_ids, vocab_size, seed
+        )
         timings["gradient_flow_s"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         lag_rows, metrics["long_lag"] = long_lag_experiment(cfg.long_lag, seed)
         timings["long_lag_s"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
-        clip_rows, metrics["clipping"] = clipping_experiment(cfg.clipping, train_ids, vocab_size, seed,
-                                                             cfg.gradient_flow.embedding_size)
+        clip_rows, metrics["clipping"] = clipping_experiment(
+            cfg.clipping, train_ids, vocab_size, seed, cfg.gradient_flow.embedding_size
+        )
         timings["clipping_s"] = round(time.perf_counter() - started, 1)
     metrics["wall_s"] = timings
     plots = {
@@ -327,15 +377,33 @@ def run_study(cfg: StudyConfig, seed: int, prepared_dir: Path, plots_dir: Path, 
     write_json(plots["clipping"], clip_rows)
     flow_series = [f"{m}_{p}" for m in cfg.gradient_flow.models for p in ("init", "trained")]
     pictures = [
-        _plot(grad_rows, "lag", flow_series, pictures_dir / "gradient_flow.png",
-              f"‖∂L_T/∂h_t‖ / ‖∂L_T/∂h_(T-1)‖ on PTB ({cfg.gradient_flow.train_steps} training steps)",
-              "gradient norm relative to lag 1 (log)", logy=True),
-        _plot(lag_rows, "lag", list(cfg.long_lag.models), pictures_dir / "long_lag.png",
-              f"Recall after L distractors ({cfg.long_lag.steps} steps each)", "accuracy",
-              hline=lag_rows[0]["chance"]),
-        _plot(clip_rows, "step", ["grad_norm_clipped", "grad_norm_unclipped"], pictures_dir / "clipping.png",
-              f"{cfg.clipping.model} on PTB, SGD lr {cfg.clipping.lr}: pre-clip gradient norm", "‖g‖ (log)",
-              logy=True),
+        _plot(
+            grad_rows,
+            "lag",
+            flow_series,
+            pictures_dir / "gradient_flow.png",
+            f"‖∂L_T/∂h_t‖ / ‖∂L_T/∂h_(T-1)‖ on PTB ({cfg.gradient_flow.train_steps} training steps)",
+            "gradient norm relative to lag 1 (log)",
+            logy=True,
+        ),
+        _plot(
+            lag_rows,
+            "lag",
+            list(cfg.long_lag.models),
+            pictures_dir / "long_lag.png",
+            f"Recall after L distractors ({cfg.long_lag.steps} steps each)",
+            "accuracy",
+            hline=lag_rows[0]["chance"],
+        ),
+        _plot(
+            clip_rows,
+            "step",
+            ["grad_norm_clipped", "grad_norm_unclipped"],
+            pictures_dir / "clipping.png",
+            f"{cfg.clipping.model} on PTB, SGD lr {cfg.clipping.lr}: pre-clip gradient norm",
+            "‖g‖ (log)",
+            logy=True,
+        ),
     ]
     write_json(metrics_path, metrics)
     if tracker is not None:

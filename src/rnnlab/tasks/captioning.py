@@ -54,8 +54,8 @@ from rnnlab.io import atomic_path, read_json, write_json
 from rnnlab.metrics import corpus_bleu, decode_name, perplexity, sacrebleu_standard
 from rnnlab.models.captioner import build_captioner, incremental_decoder
 from rnnlab.models.image_encoder import ENCODER_NAMES
-from rnnlab.tasks.base import RunContext, StagePaths, TrainOutput
 from rnnlab.resume import load_checkpoint_file
+from rnnlab.tasks.base import RunContext, StagePaths, TrainOutput
 from rnnlab.training import FitSpec, fit, load_best_weights, save_model_checkpoint
 
 log = logging.getLogger(__name__)
@@ -126,23 +126,49 @@ class RunConfig:
 
     def validate(self, where: str) -> None:
         require(self.encoder in ENCODER_NAMES, f"{where}.encoder", f"one of {list(ENCODER_NAMES)}", self.encoder)
-        for key in ("embedding_size", "hidden_size", "attention_size", "batch_size", "eval_batch_size",
-                    "max_epochs", "min_freq", "max_len"):
+        for key in (
+            "embedding_size",
+            "hidden_size",
+            "attention_size",
+            "batch_size",
+            "eval_batch_size",
+            "max_epochs",
+            "min_freq",
+            "max_len",
+        ):
             require(getattr(self, key) >= 1, f"{where}.{key}", "an integer >= 1", getattr(self, key))
         require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a number in [0, 1)", self.dropout)
         require(self.lr > 0, f"{where}.lr", "a number > 0", self.lr)
         require(self.alpha_c >= 0, f"{where}.alpha_c", "a number >= 0", self.alpha_c)
-        require(self.gradient_clip_val is None or self.gradient_clip_val > 0, f"{where}.gradient_clip_val",
-                "null or a number > 0", self.gradient_clip_val)
-        require(self.max_time_minutes is None or self.max_time_minutes > 0, f"{where}.max_time_minutes",
-                "null or a number > 0", self.max_time_minutes)
-        require(bool(self.beam_sizes) and all(b >= 1 for b in self.beam_sizes), f"{where}.beam_sizes",
-                "a non-empty list of integers >= 1", self.beam_sizes)
+        require(
+            self.gradient_clip_val is None or self.gradient_clip_val > 0,
+            f"{where}.gradient_clip_val",
+            "null or a number > 0",
+            self.gradient_clip_val,
+        )
+        require(
+            self.max_time_minutes is None or self.max_time_minutes > 0,
+            f"{where}.max_time_minutes",
+            "null or a number > 0",
+            self.max_time_minutes,
+        )
+        require(
+            bool(self.beam_sizes) and all(b >= 1 for b in self.beam_sizes),
+            f"{where}.beam_sizes",
+            "a non-empty list of integers >= 1",
+            self.beam_sizes,
+        )
         require(self.length_penalty >= 0, f"{where}.length_penalty", "a number >= 0", self.length_penalty)
         require(self.grid_images >= 0, f"{where}.grid_images", "an integer >= 0", self.grid_images)
-        require(isinstance(self.limit_train_batches, int) and self.limit_train_batches >= 1
-                or isinstance(self.limit_train_batches, float) and 0 < self.limit_train_batches <= 1,
-                f"{where}.limit_train_batches", "an integer >= 1 or a fraction in (0, 1]", self.limit_train_batches)
+        require(
+            isinstance(self.limit_train_batches, int)
+            and self.limit_train_batches >= 1
+            or isinstance(self.limit_train_batches, float)
+            and 0 < self.limit_train_batches <= 1,
+            f"{where}.limit_train_batches",
+            "an integer >= 1 or a fraction in (0, 1]",
+            self.limit_train_batches,
+        )
 
 
 def parse_run(merged: dict, where: str = SECTION) -> RunConfig:
@@ -202,8 +228,14 @@ class CaptioningTask(pl.LightningModule):
         if vocab is not None and len(vocab) != vocab_size:
             raise RnnlabError(f"vocab_size {vocab_size} != vocabulary of {len(vocab)} tokens")
         self.model = build_captioner(
-            decoder, vocab_size=vocab_size, feature_size=feature_size, embedding_size=embedding_size,
-            hidden_size=hidden_size, attention_size=attention_size, dropout=dropout, pad_id=Vocab.pad_id,
+            decoder,
+            vocab_size=vocab_size,
+            feature_size=feature_size,
+            embedding_size=embedding_size,
+            hidden_size=hidden_size,
+            attention_size=attention_size,
+            dropout=dropout,
+            pad_id=Vocab.pad_id,
         )
         self.vocab = vocab
         self.tokenizer = build_tokenizer(tokenizer) if tokenizer else WordTokenizer(lowercase=True)
@@ -263,8 +295,15 @@ class CaptioningTask(pl.LightningModule):
 
     # -- free-running decoding -------------------------------------------------------------
     @torch.no_grad()
-    def caption(self, features: torch.Tensor, beam_size: int = 1, max_len: int | None = None,
-                length_penalty: float = 0.0, return_attention: bool = False, batch_size: int = 100) -> Captions:
+    def caption(
+        self,
+        features: torch.Tensor,
+        beam_size: int = 1,
+        max_len: int | None = None,
+        length_penalty: float = 0.0,
+        return_attention: bool = False,
+        batch_size: int = 100,
+    ) -> Captions:
         """Caption images from features [images, positions, channels]; greedy when ``beam_size == 1``."""
         if self.vocab is None:
             raise RnnlabError("CaptioningTask has no vocabulary (load it from a checkpoint)")
@@ -274,10 +313,15 @@ class CaptioningTask(pl.LightningModule):
         tokens, scores, attention = [], [], [] if return_attention else None
         try:
             for start in range(0, features.size(0), batch_size):
-                chunk = features[start: start + batch_size].to(self.device, torch.float32)
+                chunk = features[start : start + batch_size].to(self.device, torch.float32)
                 stepper, state = incremental_decoder(self.model, chunk)
-                common = dict(batch_size=chunk.size(0), bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=max_steps,
-                              return_attention=return_attention)
+                common = dict(
+                    batch_size=chunk.size(0),
+                    bos_id=Vocab.bos_id,
+                    eos_id=Vocab.eos_id,
+                    max_len=max_steps,
+                    return_attention=return_attention,
+                )
                 if beam_size == 1:
                     result = greedy_decode(stepper, state, **common)
                 else:
@@ -303,8 +347,9 @@ def load(path: str | Path, map_location: str = "cpu") -> CaptioningTask:
     vocab = Vocab.from_dict(ckpt["vocab"])
     hp = dict(ckpt["hyper_parameters"])
     if hp.get("vocab_fingerprint") and hp["vocab_fingerprint"] != vocab.fingerprint():
-        raise RnnlabError(f"{path}: vocabulary fingerprint {vocab.fingerprint()} != {hp['vocab_fingerprint']} "
-                          "in hparams")
+        raise RnnlabError(
+            f"{path}: vocabulary fingerprint {vocab.fingerprint()} != {hp['vocab_fingerprint']} in hparams"
+        )
     task = CaptioningTask(**hp, vocab=vocab)
     task.load_state_dict(ckpt["state_dict"])
     task.on_load_checkpoint(ckpt)
@@ -332,9 +377,16 @@ def _feature_index(paths: StagePaths) -> dict:
 # --------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------
-def evaluate(module: CaptioningTask, data: CaptionDataModule, split: str = "test",
-             beam_sizes: Sequence[int] = (1, 3, 5), length_penalty: float = 0.0, batch_size: int = 100,
-             captions=None, coco: bool = True) -> tuple[dict, dict]:
+def evaluate(
+    module: CaptioningTask,
+    data: CaptionDataModule,
+    split: str = "test",
+    beam_sizes: Sequence[int] = (1, 3, 5),
+    length_penalty: float = 0.0,
+    batch_size: int = 100,
+    captions=None,
+    coco: bool = True,
+) -> tuple[dict, dict]:
     """Decode every image of ``split`` with each beam size (1 = greedy) and score it.
 
     Returns (metrics, decoded): ``metrics[setting]`` = {bleu1..4, sacrebleu, sacrebleu_signature,
@@ -361,8 +413,13 @@ def evaluate(module: CaptioningTask, data: CaptionDataModule, split: str = "test
         setting = decode_name(beam)
         start = time.perf_counter()
         want_attention = beam == 1 and module.hparams.decoder == "soft_attention"
-        result = module.caption(features, beam_size=beam, length_penalty=length_penalty,
-                                return_attention=want_attention, batch_size=batch_size)
+        result = module.caption(
+            features,
+            beam_size=beam,
+            length_penalty=length_penalty,
+            return_attention=want_attention,
+            batch_size=batch_size,
+        )
         seconds = time.perf_counter() - start
         scores = corpus_bleu(result.tokens, references)
         std = sacrebleu_standard(result.texts(tokenizer), raw_refs)
@@ -376,8 +433,9 @@ def evaluate(module: CaptioningTask, data: CaptionDataModule, split: str = "test
         if coco:
             from rnnlab.coco_metrics import coco_caption_scores
 
-            metrics[setting]["coco"] = {k: round(v, 4) for k, v in
-                                        coco_caption_scores(result.texts(tokenizer), raw_refs).items()}
+            metrics[setting]["coco"] = {
+                k: round(v, 4) for k, v in coco_caption_scores(result.texts(tokenizer), raw_refs).items()
+            }
         decoded[setting] = result.tokens
         if want_attention:
             decoded["attention"] = result.attention
@@ -385,8 +443,13 @@ def evaluate(module: CaptioningTask, data: CaptionDataModule, split: str = "test
     return metrics, decoded
 
 
-def score(folder: str | Path, paths: StagePaths, beam_sizes: Sequence[int] = (1, 3), split: str = "test",
-          limit: int | None = None) -> dict:
+def score(
+    folder: str | Path,
+    paths: StagePaths,
+    beam_sizes: Sequence[int] = (1, 3),
+    split: str = "test",
+    limit: int | None = None,
+) -> dict:
     """Score a ``train_captioner`` model folder on ``split`` from the saved folder only.
 
     The decoder, vocabulary and tokenizer come from ``folder/model.ckpt``; the decoding settings
@@ -404,19 +467,36 @@ def score(folder: str | Path, paths: StagePaths, beam_sizes: Sequence[int] = (1,
     features_dir = Path(paths.features)
     features = load_features(features_dir / FEATURES_FILE, features_dir / INDEX_FILE)
     if features[1].get("encoder") != module.hparams.encoder:
-        raise DataError(f"{features_dir / INDEX_FILE}: features of {features[1].get('encoder')!r}, but "
-                        f"{folder} was trained on {module.hparams.encoder!r}")
+        raise DataError(
+            f"{features_dir / INDEX_FILE}: features of {features[1].get('encoder')!r}, but "
+            f"{folder} was trained on {module.hparams.encoder!r}"
+        )
     captions, _ = captions_with_features(read_prepared_captions(paths.prepared, CORPUS), features[1])
     if limit is not None:
         keep = sorted(set(captions.loc[captions["split"] == split, "image"]))[:limit]
         captions = captions[(captions["split"] != split) | captions["image"].isin(keep)].reset_index(drop=True)
     settings = run["eval"]
-    data = CaptionDataModule(captions, features_dir / FEATURES_FILE, features_dir / INDEX_FILE,
-                             eval_batch_size=settings["batch_size"], max_len=module.hparams.max_len,
-                             vocab=module.vocab, tokenizer=module.tokenizer, features=features)
+    data = CaptionDataModule(
+        captions,
+        features_dir / FEATURES_FILE,
+        features_dir / INDEX_FILE,
+        eval_batch_size=settings["batch_size"],
+        max_len=module.hparams.max_len,
+        vocab=module.vocab,
+        tokenizer=module.tokenizer,
+        features=features,
+    )
     data.setup()
-    metrics, _ = evaluate(module, data, split, list(beam_sizes), settings["length_penalty"],
-                          settings["batch_size"], captions=captions, coco=settings.get("coco_metrics", False))
+    metrics, _ = evaluate(
+        module,
+        data,
+        split,
+        list(beam_sizes),
+        settings["length_penalty"],
+        settings["batch_size"],
+        captions=captions,
+        coco=settings.get("coco_metrics", False),
+    )
     return {**metrics, "params": run["config"]}
 
 
@@ -458,8 +538,13 @@ class ImageCaptioner:
         return result.texts(self.module.tokenizer)
 
 
-def caption_images(folder: str | Path, image_paths: Sequence[str | Path], beam_size: int = 3,
-                   encoder_weights: str | Path | None = None, length_penalty: float = 0.0) -> list[str]:
+def caption_images(
+    folder: str | Path,
+    image_paths: Sequence[str | Path],
+    beam_size: int = 3,
+    encoder_weights: str | Path | None = None,
+    length_penalty: float = 0.0,
+) -> list[str]:
     """Caption image files with a trained model folder (or its ``model.ckpt``); raises ImageError
     (a DataError) naming a file that is missing or not a decodable image, before any model loads.
     All images are decoded and encoded as one batch (:class:`ImageCaptioner`); for a folder of
@@ -482,8 +567,13 @@ def list_image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
     return images, [p for p in entries if p not in set(images)]
 
 
-def caption_folder(captioner: ImageCaptioner, paths: Sequence[str | Path], beam_size: int = 3,
-                   batch_size: int = FOLDER_BATCH, length_penalty: float = 0.0):
+def caption_folder(
+    captioner: ImageCaptioner,
+    paths: Sequence[str | Path],
+    beam_size: int = 3,
+    batch_size: int = FOLDER_BATCH,
+    length_penalty: float = 0.0,
+):
     """Caption image files ``batch_size`` at a time: only one batch of decoded images is in memory.
 
     Yields ``(path, caption, None)`` per captioned image (input order) and ``(path, None, reason)`` per
@@ -494,7 +584,7 @@ def caption_folder(captioner: ImageCaptioner, paths: Sequence[str | Path], beam_
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size}")
     for start in range(0, len(paths), batch_size):
         good, images = [], []
-        for path in paths[start: start + batch_size]:
+        for path in paths[start : start + batch_size]:
             try:
                 images.append(load_image(path))
                 good.append(Path(path))
@@ -505,14 +595,22 @@ def caption_folder(captioner: ImageCaptioner, paths: Sequence[str | Path], beam_
             yield from ((path, text, None) for path, text in zip(good, captions))
 
 
-def _write_folder_captions(captioner: ImageCaptioner, images: list[Path], out, beam: int, batch_size: int,
-                           stderr, progress: bool) -> dict:
+def _write_folder_captions(
+    captioner: ImageCaptioner, images: list[Path], out, beam: int, batch_size: int, stderr, progress: bool
+) -> dict:
     from tqdm.auto import tqdm
 
     done, bad = 0, []
     start = time.perf_counter()
-    with tqdm(total=len(images), unit="image", desc="caption", file=stderr, disable=not progress, mininterval=0.5,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(images),
+        unit="image",
+        desc="caption",
+        file=stderr,
+        disable=not progress,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    ) as bar:
         for path, text, reason in caption_folder(captioner, images, beam, batch_size):
             if reason is None:
                 out.write(json.dumps({"image": path.name, "caption": text}, ensure_ascii=False) + "\n")
@@ -522,14 +620,27 @@ def _write_folder_captions(captioner: ImageCaptioner, images: list[Path], out, b
                 bad.append({"image": path.name, "reason": reason})
             bar.update(1)
     seconds = time.perf_counter() - start
-    return {"images": len(images), "captioned": done, "bad_images": len(bad), "bad": bad,
-            "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
+    return {
+        "images": len(images),
+        "captioned": done,
+        "bad_images": len(bad),
+        "bad": bad,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(done / seconds, 2) if seconds > 0 else None,
+    }
 
 
-def caption_folder_command(folder: str | Path, out_path: str | Path | None = None, beam: int = 3,
-                           run: str | Path | None = None, batch_size: int = FOLDER_BATCH,
-                           encoder_weights: str | Path | None = None, stdout=None, stderr=None,
-                           progress: bool = True) -> dict:
+def caption_folder_command(
+    folder: str | Path,
+    out_path: str | Path | None = None,
+    beam: int = 3,
+    run: str | Path | None = None,
+    batch_size: int = FOLDER_BATCH,
+    encoder_weights: str | Path | None = None,
+    stdout=None,
+    stderr=None,
+    progress: bool = True,
+) -> dict:
     """``rnnlab caption DIR --out captions.jsonl``: one JSON line ``{"image": name, "caption": text}``
     per decodable image file of ``DIR`` (sorted by name, :data:`IMAGE_SUFFIXES`), ``batch_size``
     images loaded, encoded and decoded at a time (:func:`caption_folder`). ``folder`` may also be
@@ -558,19 +669,27 @@ def caption_folder_command(folder: str | Path, out_path: str | Path | None = Non
         images = [p for p in images if p.resolve() != out_path.resolve()]
         others = [p for p in others if p.resolve() != out_path.resolve()]
     if not images:
-        raise RnnlabError(f"{folder}: no image files ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in this folder"
-                          + (f" ({len(others)} other entries)" if others else ""))
+        raise RnnlabError(
+            f"{folder}: no image files ({'/'.join(s[1:] for s in IMAGE_SUFFIXES)}) in this folder"
+            + (f" ({len(others)} other entries)" if others else "")
+        )
     for other in others:
-        print(f"rnnlab caption: skipped {other.name}: not an image file "
-              f"({'a folder' if other.is_dir() else 'suffix ' + (other.suffix or 'none')})", file=stderr)
+        print(
+            f"rnnlab caption: skipped {other.name}: not an image file "
+            f"({'a folder' if other.is_dir() else 'suffix ' + (other.suffix or 'none')})",
+            file=stderr,
+        )
     captioner = ImageCaptioner(resolve_model(run, TASK), encoder_weights)
 
     def write(out) -> dict:
         summary = _write_folder_captions(captioner, images, out, beam, batch_size, stderr, progress)
         if not summary["captioned"]:
-            raise RnnlabError(f"{folder}: no decodable image ({summary['bad_images']} bad image file(s): "
-                              + ", ".join(b["image"] for b in summary["bad"][:5])
-                              + (", ..." if summary["bad_images"] > 5 else "") + ")")
+            raise RnnlabError(
+                f"{folder}: no decodable image ({summary['bad_images']} bad image file(s): "
+                + ", ".join(b["image"] for b in summary["bad"][:5])
+                + (", ..." if summary["bad_images"] > 5 else "")
+                + ")"
+            )
         return summary
 
     if out_path is not None:
@@ -580,10 +699,12 @@ def caption_folder_command(folder: str | Path, out_path: str | Path | None = Non
         summary = write(stdout)
     summary["other_files"] = len(others)
     rate = summary["images_per_s"]
-    print(f"rnnlab caption: {folder} -> {out_path or 'stdout'}: {summary['captioned']} image(s) captioned, "
-          f"{summary['bad_images']} bad image(s) skipped, {len(others)} other file(s) skipped; "
-          f"{summary['seconds']:.1f} s, {rate if rate is not None else '-'} images/s (beam {beam}, batch {batch_size})",
-          file=stderr)
+    print(
+        f"rnnlab caption: {folder} -> {out_path or 'stdout'}: {summary['captioned']} image(s) captioned, "
+        f"{summary['bad_images']} bad image(s) skipped, {len(others)} other file(s) skipped; "
+        f"{summary['seconds']:.1f} s, {rate if rate is not None else '-'} images/s (beam {beam}, batch {batch_size})",
+        file=stderr,
+    )
     return summary
 
 
@@ -605,8 +726,9 @@ def _best_score(result, monitor: str) -> float | None:
     return min(scores) if scores else None
 
 
-def _draw_grids(module: CaptioningTask, data: CaptionDataModule, decoded: dict, image_dir: Path, out_dir: Path,
-                run: RunConfig) -> dict:
+def _draw_grids(
+    module: CaptioningTask, data: CaptionDataModule, decoded: dict, image_dir: Path, out_dir: Path, run: RunConfig
+) -> dict:
     from rnnlab.plots import save_attention_grid, save_caption_grid
 
     n = min(run.grid_images, len(decoded["names"]))
@@ -615,12 +737,23 @@ def _draw_grids(module: CaptioningTask, data: CaptionDataModule, decoded: dict, 
     tokens = decoded[setting][:n]
     refs = [[module.tokenizer.detokenize(r) for r in rs] for rs in data.splits["test"].references[:n]]
     generated = [module.tokenizer.detokenize(t) for t in tokens]
-    out = {"samples_png": str(save_caption_grid(out_dir / "samples.png", image_dir, names, generated, refs,
-                                                title=f"{run.decoder} ({setting}) on test images"))}
+    out = {
+        "samples_png": str(
+            save_caption_grid(
+                out_dir / "samples.png",
+                image_dir,
+                names,
+                generated,
+                refs,
+                title=f"{run.decoder} ({setting}) on test images",
+            )
+        )
+    }
     if decoded.get("attention"):
         k = min(n, 4)
-        out["attention_png"] = str(save_attention_grid(out_dir / "attention.png", image_dir, names[:k], tokens[:k],
-                                                       decoded["attention"][:k]))
+        out["attention_png"] = str(
+            save_attention_grid(out_dir / "attention.png", image_dir, names[:k], tokens[:k], decoded["attention"][:k])
+        )
     return out
 
 
@@ -634,9 +767,15 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     captions, left_out = captions_with_features(read_prepared_captions(paths.prepared, CORPUS), index)
     image_dir = Path(paths.raw) / CORPUS / "images"
 
-    data = CaptionDataModule(captions, features_dir / FEATURES_FILE, features_dir / INDEX_FILE,
-                             batch_size=run.batch_size, eval_batch_size=run.eval_batch_size, min_freq=run.min_freq,
-                             max_len=run.max_len)
+    data = CaptionDataModule(
+        captions,
+        features_dir / FEATURES_FILE,
+        features_dir / INDEX_FILE,
+        batch_size=run.batch_size,
+        eval_batch_size=run.eval_batch_size,
+        min_freq=run.min_freq,
+        max_len=run.max_len,
+    )
     data.setup()
     cache_encoder = data.feature_index.get("encoder")
     if cache_encoder != run.encoder:
@@ -646,14 +785,30 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         )
     vocab = data.vocab
     module = CaptioningTask(
-        decoder=run.decoder, vocab_size=len(vocab), feature_size=int(data.features.shape[2]),
-        embedding_size=run.embedding_size, hidden_size=run.hidden_size, attention_size=run.attention_size,
-        dropout=run.dropout, lr=run.lr, alpha_c=run.alpha_c, max_len=run.max_len, encoder=run.encoder,
-        tokenizer=data.tokenizer.to_dict(), vocab_fingerprint=vocab.fingerprint(), vocab=vocab,
+        decoder=run.decoder,
+        vocab_size=len(vocab),
+        feature_size=int(data.features.shape[2]),
+        embedding_size=run.embedding_size,
+        hidden_size=run.hidden_size,
+        attention_size=run.attention_size,
+        dropout=run.dropout,
+        lr=run.lr,
+        alpha_c=run.alpha_c,
+        max_len=run.max_len,
+        encoder=run.encoder,
+        tokenizer=data.tokenizer.to_dict(),
+        vocab_fingerprint=vocab.fingerprint(),
+        vocab=vocab,
     )
-    spec = FitSpec(max_epochs=run.max_epochs, monitor="val/loss", limit_train_batches=run.limit_train_batches,
-                   max_time_minutes=run.max_time_minutes, gradient_clip_val=run.gradient_clip_val,
-                   tokens_per_batch=_tokens_per_batch, distributed=False)
+    spec = FitSpec(
+        max_epochs=run.max_epochs,
+        monitor="val/loss",
+        limit_train_batches=run.limit_train_batches,
+        max_time_minutes=run.max_time_minutes,
+        gradient_clip_val=run.gradient_clip_val,
+        tokens_per_batch=_tokens_per_batch,
+        distributed=False,
+    )
     result = fit(module, data, ctx.trainer, spec, ctx.resume, ctx.tracker)
     best_val = _best_score(result, "val/loss")
     load_best_weights(module, result)
@@ -665,17 +820,34 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_model_checkpoint(result.best_path, model_path)  # weights, hparams, vocab, tokenizer
         vocab.save(out_dir / VOCAB_FILE)
-        write_json(out_dir / RUN_FILE, {
-            "name": ctx.name, "config": dataclasses.asdict(run), "seed": ctx.seed,
-            "eval": {"beam_sizes": run.beam_sizes, "length_penalty": run.length_penalty,
-                     "batch_size": run.eval_batch_size, "coco_metrics": run.coco_metrics},
-            "features": {"encoder": index.get("encoder"), "images": len(index["names"])},
-        })
+        write_json(
+            out_dir / RUN_FILE,
+            {
+                "name": ctx.name,
+                "config": dataclasses.asdict(run),
+                "seed": ctx.seed,
+                "eval": {
+                    "beam_sizes": run.beam_sizes,
+                    "length_penalty": run.length_penalty,
+                    "batch_size": run.eval_batch_size,
+                    "coco_metrics": run.coco_metrics,
+                },
+                "features": {"encoder": index.get("encoder"), "images": len(index["names"])},
+            },
+        )
 
     eval_start = time.perf_counter()
     with result.evaluation_guard():  # Ctrl-C during the test decoding also stops cleanly
-        test, decoded = evaluate(module, data, "test", run.beam_sizes, run.length_penalty, run.eval_batch_size,
-                                 captions=captions, coco=run.coco_metrics)
+        test, decoded = evaluate(
+            module,
+            data,
+            "test",
+            run.beam_sizes,
+            run.length_penalty,
+            run.eval_batch_size,
+            captions=captions,
+            coco=run.coco_metrics,
+        )
     eval_seconds = time.perf_counter() - eval_start
 
     artifacts = {"model": str(model_path)}
@@ -702,8 +874,13 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     if ctx.writer:
         write_json(out_dir / METRICS_FILE, details)
         # Curves went through the history callback; here the nested test scores (test.beam3.bleu4, ...).
-        ctx.tracker.log_metrics({k: v for k, v in flatten({"test": test}).items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        ctx.tracker.log_metrics(
+            {
+                k: v
+                for k, v in flatten({"test": test}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
 
     row = {
         "decoder": run.decoder,
@@ -722,12 +899,17 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         "data": {**summary, "captions_without_features": left_out},
         "model_path": str(out_dir),
     }
-    plot_rows = [{"run": ctx.name, "beam": beam, **{k: test[decode_name(beam)][k] for k in BLEU_KEYS},
-                  "sacrebleu": test[decode_name(beam)]["sacrebleu"]}
-                 for beam in dict.fromkeys(run.beam_sizes)]
+    plot_rows = [
+        {
+            "run": ctx.name,
+            "beam": beam,
+            **{k: test[decode_name(beam)][k] for k in BLEU_KEYS},
+            "sacrebleu": test[decode_name(beam)]["sacrebleu"],
+        }
+        for beam in dict.fromkeys(run.beam_sizes)
+    ]
     greedy_or_first = test.get("greedy") or next(iter(test.values()))
-    log.info("%s %s: greedy BLEU-4 %.2f in %.0f s", SECTION, ctx.name, greedy_or_first["bleu4"],
-             row["wall_seconds"])
+    log.info("%s %s: greedy BLEU-4 %.2f in %.0f s", SECTION, ctx.name, greedy_or_first["bleu4"], row["wall_seconds"])
     artifacts_out: list[tuple[Path, str | None]] = []
     if ctx.writer:
         artifacts_out += [(Path(artifacts[k]), "figures") for k in ("samples_png", "attention_png") if k in artifacts]

@@ -99,8 +99,9 @@ class RunConfig:
         except ConfigError as exc:
             raise ConfigError(f"{where}.corpus: {exc}") from exc
         if corpus.task not in ("lm-word", "lm-char"):
-            raise ConfigError(f"{where}.corpus: {self.corpus!r} is not a language-modelling corpus; valid names: "
-                              f"{lm_corpus_names()}")
+            raise ConfigError(
+                f"{where}.corpus: {self.corpus!r} is not a language-modelling corpus; valid names: {lm_corpus_names()}"
+            )
         if self.model not in model_names():
             raise ConfigError(f"{where}.model: unknown model {self.model!r}; valid names: {model_names()}")
         if self.order is not None:
@@ -117,8 +118,7 @@ class RunConfig:
         require(self.max_epochs >= 1, f"{where}.max_epochs", "an integer >= 1", self.max_epochs)
         require(0 < self.train_fraction <= 1, f"{where}.train_fraction", "a number in (0, 1]", self.train_fraction)
         require(0 < self.eval_fraction <= 1, f"{where}.eval_fraction", "a number in (0, 1]", self.eval_fraction)
-        require(self.limit_train_batches > 0, f"{where}.limit_train_batches", "a number > 0",
-                self.limit_train_batches)
+        require(self.limit_train_batches > 0, f"{where}.limit_train_batches", "a number > 0", self.limit_train_batches)
 
     @property
     def char_level(self) -> bool:
@@ -130,8 +130,13 @@ class RunConfig:
         return NGRAM_CHAR_ORDER if self.char_level else NGRAM_WORD_ORDER
 
     def model_hparams(self) -> dict:
-        hp = dict(embedding_size=self.embedding_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                  dropout=self.dropout, tie_weights=self.tie_weights)
+        hp = dict(
+            embedding_size=self.embedding_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            dropout=self.dropout,
+            tie_weights=self.tie_weights,
+        )
         hp.update(self.model_options)
         return hp
 
@@ -161,10 +166,20 @@ class LanguageModelTask(pl.LightningModule):
     it to :class:`rnnlab.resume.ResumeCallback` (one per DDP rank: each rank carries its own batch
     columns) and a run resumed mid-epoch continues the stream exactly where it left off."""
 
-    def __init__(self, model_name: str, vocab_size: int, model_hparams: dict, optimizer: str = "sgd",
-                 lr: float = 20.0, weight_decay: float = 0.0, clip: float | None = 0.25,
-                 lr_anneal_factor: float = 0.25, vocab_fingerprint: str = "", tokenizer: dict | None = None,
-                 vocab: Vocab | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        vocab_size: int,
+        model_hparams: dict,
+        optimizer: str = "sgd",
+        lr: float = 20.0,
+        weight_decay: float = 0.0,
+        clip: float | None = 0.25,
+        lr_anneal_factor: float = 0.25,
+        vocab_fingerprint: str = "",
+        tokenizer: dict | None = None,
+        vocab: Vocab | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters(ignore=["vocab"])
         self.model = build_language_model(model_name, vocab_size, **model_hparams)
@@ -192,11 +207,20 @@ class LanguageModelTask(pl.LightningModule):
             self._state["train"] = None
         loss, _ = self._step(batch, "train")
         if not torch.isfinite(loss):
-            raise TrainingError(f"train loss is {loss.item()} at step {self.global_step} (epoch "
-                                f"{self.current_epoch}); lower train_lm lr or set clip")
+            raise TrainingError(
+                f"train loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}); lower train_lm lr or set clip"
+            )
         distributed = self.trainer.world_size > 1  # each rank's loss covers its own columns only
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch[0].numel(),
-                 sync_dist=distributed)
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=batch[0].numel(),
+            sync_dist=distributed,
+        )
         return loss
 
     def resume_state(self) -> dict:
@@ -308,26 +332,42 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     _log_samples(run, ctx)
     if run.model != NGRAM and not run.char_level:
         _log_neighbours(ctx)
-    output.plot_rows = [{"epoch": h["epoch"], "val_ppl": h.get("val/ppl"), "train_loss": h.get("train/loss_epoch"),
-                         "lr": h.get("lr")} for h in history]
+    output.plot_rows = [
+        {"epoch": h["epoch"], "val_ppl": h.get("val/ppl"), "train_loss": h.get("train/loss_epoch"), "lr": h.get("lr")}
+        for h in history
+    ]
     model_files = [NGRAM_FILE, "vocab.json", "run.json"] if run.model == NGRAM else ["model.ckpt", "vocab.json"]
     output.artifacts = [(ctx.out_dir / name, "model") for name in model_files] + [(ctx.out_dir / "history.json", None)]
     return output
 
 
 def _train_neural(run: RunConfig, prepared: Path, ctx: RunContext) -> tuple[dict, list[dict]]:
-    dm = ShardedLMDataModule(prepared, run.batch_size, run.bptt, run.eval_batch_size, run.train_fraction,
-                             run.eval_fraction)
+    dm = ShardedLMDataModule(
+        prepared, run.batch_size, run.bptt, run.eval_batch_size, run.train_fraction, run.eval_fraction
+    )
     tokenizer_path = prepared / "tokenizer.json"
     module = LanguageModelTask(
-        model_name=run.model, vocab_size=len(dm.vocab), model_hparams=run.model_hparams(), optimizer=run.optimizer,
-        lr=run.lr, weight_decay=run.weight_decay, clip=run.clip, lr_anneal_factor=run.lr_anneal_factor,
+        model_name=run.model,
+        vocab_size=len(dm.vocab),
+        model_hparams=run.model_hparams(),
+        optimizer=run.optimizer,
+        lr=run.lr,
+        weight_decay=run.weight_decay,
+        clip=run.clip,
+        lr_anneal_factor=run.lr_anneal_factor,
         vocab_fingerprint=dm.vocab.fingerprint(),
-        tokenizer=read_json(tokenizer_path) if tokenizer_path.exists() else None, vocab=dm.vocab,
+        tokenizer=read_json(tokenizer_path) if tokenizer_path.exists() else None,
+        vocab=dm.vocab,
     )
-    spec = FitSpec(max_epochs=run.max_epochs, monitor="val/loss", mode="min",
-                   limit_train_batches=run.limit_train_batches, max_time_minutes=run.max_time_minutes,
-                   tokens_per_batch=lambda batch: batch[0].numel(), distributed=True)
+    spec = FitSpec(
+        max_epochs=run.max_epochs,
+        monitor="val/loss",
+        mode="min",
+        limit_train_batches=run.limit_train_batches,
+        max_time_minutes=run.max_time_minutes,
+        tokens_per_batch=lambda batch: batch[0].numel(),
+        distributed=True,
+    )
     result = fit(module, dm, ctx.trainer, spec, ctx.resume, ctx.tracker)
     load_best_weights(module, result)
     with result.evaluation_guard():  # Ctrl-C during the final test also stops cleanly
@@ -335,11 +375,15 @@ def _train_neural(run: RunConfig, prepared: Path, ctx: RunContext) -> tuple[dict
     history = result.history.history
     best_val = min(h["val/loss"] for h in history)
     row = {
-        "val_loss": round(best_val, 5), "val_ppl": round(perplexity(best_val), 3),
+        "val_loss": round(best_val, 5),
+        "val_ppl": round(perplexity(best_val), 3),
         "test_split": "test" if dm.has_split("test") else "valid",
-        "test_loss": round(test["test/loss"], 5), "test_ppl": round(test["test/ppl"], 3),
-        "params": module.num_parameters(), "tokens_per_s": round(result.history.tokens_per_second, 1),
-        "wall_s": round(result.wall_s, 1), "epochs": len(history),
+        "test_loss": round(test["test/loss"], 5),
+        "test_ppl": round(test["test/ppl"], 3),
+        "params": module.num_parameters(),
+        "tokens_per_s": round(result.history.tokens_per_second, 1),
+        "wall_s": round(result.wall_s, 1),
+        "epochs": len(history),
     }
     if run.char_level:
         _char_rows(row, best_val, test["test/loss"])
@@ -368,11 +412,16 @@ def _train_ngram(run: RunConfig, prepared: Path, ctx: RunContext) -> tuple[dict,
     if not (math.isfinite(val_loss) and math.isfinite(test_loss)):
         raise TrainingError(f"{ctx.where}: n-gram log-probability is not finite (val {val_loss}, test {test_loss})")
     row = {
-        "val_loss": round(val_loss, 5), "val_ppl": round(perplexity(val_loss), 3), "test_split": test_split,
-        "test_loss": round(test_loss, 5), "test_ppl": round(perplexity(test_loss), 3),
+        "val_loss": round(val_loss, 5),
+        "val_ppl": round(perplexity(val_loss), 3),
+        "test_split": test_split,
+        "test_loss": round(test_loss, 5),
+        "test_ppl": round(perplexity(test_loss), 3),
         "params": model.num_stored(),  # stored counts + keys (the n-gram's "parameters")
         "tokens_per_s": round(train_ids.size / max(fit_s, 1e-9), 1),  # counting speed
-        "wall_s": round(time.perf_counter() - started, 1), "epochs": 1, "order": order,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "epochs": 1,
+        "order": order,
         "discounts": [round(d, 4) for d in model.discounts],
     }
     if run.char_level:
@@ -382,8 +431,10 @@ def _train_ngram(run: RunConfig, prepared: Path, ctx: RunContext) -> tuple[dict,
         for name in ("vocab.json", "tokenizer.json"):
             if (prepared / name).exists():
                 copy_file(prepared / name, ctx.out_dir / name)
-        write_json(ctx.out_dir / "run.json", {"model": NGRAM, "corpus": run.corpus, "order": order,
-                                              "char_level": run.char_level})
+        write_json(
+            ctx.out_dir / "run.json",
+            {"model": NGRAM, "corpus": run.corpus, "order": order, "char_level": run.char_level},
+        )
     return row, [{"epoch": 0, "val/loss": val_loss, "val/ppl": perplexity(val_loss)}]
 
 
@@ -424,7 +475,9 @@ def _log_neighbours(ctx: RunContext, probes: list[str] = PROBE_WORDS, k: int = 8
         sims = emb @ emb[lm.vocab.stoi[word]]  # [V]
         sims[lm.vocab.stoi[word]] = -2.0
         top = torch.topk(sims, k)
-        result[word] = [[lm.vocab.itos[i], round(float(v), 4)] for v, i in zip(top.values.tolist(), top.indices.tolist())]
+        result[word] = [
+            [lm.vocab.itos[i], round(float(v), 4)] for v, i in zip(top.values.tolist(), top.indices.tolist())
+        ]
     write_json(ctx.out_dir / "neighbours.json", result)
     ctx.tracker.log_dict(result, "neighbours.json")
     return result
@@ -458,11 +511,13 @@ def load(path: str | Path, expected_vocab: Vocab | None = None) -> LoadedLM:
     vocab = Vocab.from_dict(ckpt["vocab"])
     check_vocab(vocab, expected_vocab, str(ckpt_path))
     if hp["vocab_size"] != len(vocab):
-        raise RnnlabError(f"{ckpt_path}: model has {hp['vocab_size']} outputs but its vocabulary has {len(vocab)} "
-                          "tokens")
+        raise RnnlabError(
+            f"{ckpt_path}: model has {hp['vocab_size']} outputs but its vocabulary has {len(vocab)} tokens"
+        )
     model = build_language_model(hp["model_name"], hp["vocab_size"], **hp["model_hparams"])
-    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
-                           if k.startswith("model.")})
+    model.load_state_dict(
+        {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    )
     model.eval()
     char_level = (hp.get("tokenizer") or {}).get("name") == "char"
     return LoadedLM("neural", model, vocab, char_level, ckpt_path, dict(hp))
@@ -495,8 +550,9 @@ def evaluate(model, ids: np.ndarray, batch_size: int = 10, bptt: int = 35) -> di
     total, count = 0.0, 0
     for tokens, targets in windows:
         logits, state = model(tokens, state)
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                 reduction="sum").item()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="sum"
+        ).item()
         count += targets.numel()
     loss = total / count
     return {"loss": loss, "ppl": perplexity(loss), "bpc": bits_per_char(loss), "tokens": count}
@@ -518,6 +574,11 @@ def score(path: str | Path, prepared_dir: Path, batch_size: int, bptt: int, limi
     if lm.kind == "ngram":
         log_probs = lm.model.log_prob(ids)
         loss = -float(np.mean(log_probs))
-        return {"split": split, "loss": loss, "ppl": perplexity(loss), "bpc": bits_per_char(loss),
-                "tokens": int(log_probs.size)}
+        return {
+            "split": split,
+            "loss": loss,
+            "ppl": perplexity(loss),
+            "bpc": bits_per_char(loss),
+            "tokens": int(log_probs.size),
+        }
     return {"split": split, **evaluate(lm.model, ids, batch_size, bptt)}

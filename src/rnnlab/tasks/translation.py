@@ -69,8 +69,14 @@ CORPUS = "multi30k"
 TEST_SET = "test_2016_flickr"
 SCORES = ("sacrebleu", "chrf", "tok_bleu")
 SCORE_NAMES = {"sacrebleu": "sacrebleu", "chrf": "chrf", "tok_bleu": "tok_lc_bleu"}  # library name -> row name
-MODEL_FILES = ("model.ckpt", "vocab.src.json", "vocab.tgt.json", "tokenizer.src.json", "tokenizer.tgt.json",
-               "config.json")
+MODEL_FILES = (
+    "model.ckpt",
+    "vocab.src.json",
+    "vocab.tgt.json",
+    "tokenizer.src.json",
+    "tokenizer.tgt.json",
+    "config.json",
+)
 DEFAULT_RUN = DEFAULT_MODELS[TASK]  # ``rnnlab translate`` without --run: data/models/seq2seq/multi30k-attention
 STDIN_BATCH = 256  # lines translated together when stdin is a file or a pipe
 DECODE_BATCH = 256  # sentences per decoding batch (sorted by length)
@@ -117,28 +123,55 @@ class RunConfig:
     enabled: bool = True  # false: the stage writes a row saying so and trains nothing
 
     def validate(self, where: str) -> None:
-        for key in ("bpe_vocab_size", "min_freq", "max_len", "embedding_size", "hidden_size", "num_layers",
-                    "batch_size", "eval_batch_size", "max_epochs", "patience"):
+        for key in (
+            "bpe_vocab_size",
+            "min_freq",
+            "max_len",
+            "embedding_size",
+            "hidden_size",
+            "num_layers",
+            "batch_size",
+            "eval_batch_size",
+            "max_epochs",
+            "patience",
+        ):
             require(getattr(self, key) >= 1, f"{where}.{key}", "an integer >= 1", getattr(self, key))
         require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a number in [0, 1)", self.dropout)
-        require(0.0 < self.teacher_forcing <= 1.0, f"{where}.teacher_forcing", "a number in (0, 1]",
-                self.teacher_forcing)
-        require(0.0 <= self.label_smoothing < 1.0, f"{where}.label_smoothing", "a number in [0, 1)",
-                self.label_smoothing)
+        require(
+            0.0 < self.teacher_forcing <= 1.0, f"{where}.teacher_forcing", "a number in (0, 1]", self.teacher_forcing
+        )
+        require(
+            0.0 <= self.label_smoothing < 1.0, f"{where}.label_smoothing", "a number in [0, 1)", self.label_smoothing
+        )
         require(self.lr > 0, f"{where}.lr", "a number > 0", self.lr)
-        require(self.lr_plateau_factor is None or 0 < self.lr_plateau_factor < 1, f"{where}.lr_plateau_factor",
-                "null or a number in (0, 1)", self.lr_plateau_factor)
+        require(
+            self.lr_plateau_factor is None or 0 < self.lr_plateau_factor < 1,
+            f"{where}.lr_plateau_factor",
+            "null or a number in (0, 1)",
+            self.lr_plateau_factor,
+        )
         require(self.clip is None or self.clip > 0, f"{where}.clip", "null or a number > 0", self.clip)
-        require(self.max_time_minutes is None or self.max_time_minutes > 0, f"{where}.max_time_minutes",
-                "null or a number > 0", self.max_time_minutes)
-        require(self.limit_train_batches > 0, f"{where}.limit_train_batches", "a number > 0",
-                self.limit_train_batches)
-        require(bool(self.beam_sizes) and all(k >= 1 for k in self.beam_sizes), f"{where}.beam_sizes",
-                "a non-empty list of integers >= 1", self.beam_sizes)
+        require(
+            self.max_time_minutes is None or self.max_time_minutes > 0,
+            f"{where}.max_time_minutes",
+            "null or a number > 0",
+            self.max_time_minutes,
+        )
+        require(self.limit_train_batches > 0, f"{where}.limit_train_batches", "a number > 0", self.limit_train_batches)
+        require(
+            bool(self.beam_sizes) and all(k >= 1 for k in self.beam_sizes),
+            f"{where}.beam_sizes",
+            "a non-empty list of integers >= 1",
+            self.beam_sizes,
+        )
         require(self.length_penalty >= 0, f"{where}.length_penalty", "a number >= 0", self.length_penalty)
         require(self.heatmaps >= 0, f"{where}.heatmaps", "an integer >= 0", self.heatmaps)
-        require(self.val_bleu or self.monitor != "val/bleu", f"{where}.monitor",
-                "val/loss when val_bleu is false", self.monitor)
+        require(
+            self.val_bleu or self.monitor != "val/bleu",
+            f"{where}.monitor",
+            "val/loss when val_bleu is false",
+            self.monitor,
+        )
         for key in ("max_train_pairs", "max_val_pairs", "max_test_pairs"):
             value = getattr(self, key)
             require(value is None or value >= 1, f"{where}.{key}", "null or an integer >= 1", value)
@@ -175,8 +208,9 @@ def pairs_path(prepared: str | Path | StagePaths) -> Path:
     for path in (prepared / "pairs.parquet", prepared / CORPUS / "pairs.parquet"):
         if path.is_file():
             return path
-    raise DataError(f"{prepared / CORPUS / 'pairs.parquet'}: not found (run `dvc repro prepare` with multi30k "
-                    "in prepare.corpora)")
+    raise DataError(
+        f"{prepared / CORPUS / 'pairs.parquet'}: not found (run `dvc repro prepare` with multi30k in prepare.corpora)"
+    )
 
 
 def read_pairs(prepared: str | Path | StagePaths) -> pd.DataFrame:
@@ -191,8 +225,9 @@ def read_pairs(prepared: str | Path | StagePaths) -> pd.DataFrame:
     return pairs
 
 
-def subsample(pairs: pd.DataFrame, max_train: int | None, max_val: int | None,
-              max_test: int | None = None) -> pd.DataFrame:
+def subsample(
+    pairs: pd.DataFrame, max_train: int | None, max_val: int | None, max_test: int | None = None
+) -> pd.DataFrame:
     """The first N pairs (corpus line order) of train / val (/ test: smoke tests only)."""
     parts = []
     for split, limit in (("train", max_train), ("val", max_val), ("test", max_test)):
@@ -204,8 +239,15 @@ def subsample(pairs: pd.DataFrame, max_train: int | None, max_val: int | None,
 # ----------------------------------------------------------------------------------------------
 # The LightningModule
 # ----------------------------------------------------------------------------------------------
-MODEL_KEYS = ("embedding_size", "hidden_size", "num_layers", "dropout", "attention", "input_feeding",
-              "summary_each_step")
+MODEL_KEYS = (
+    "embedding_size",
+    "hidden_size",
+    "num_layers",
+    "dropout",
+    "attention",
+    "input_feeding",
+    "summary_each_step",
+)
 _D = RunConfig  # the defaults below are RunConfig's (one place); decode_max_len is RunConfig.max_len
 
 
@@ -253,7 +295,10 @@ class TranslationTask(pl.LightningModule):
         self.save_hyperparameters(ignore=["src_vocab", "tgt_vocab", "src_tokenizer", "tgt_tokenizer"])
         hp = self.hparams
         self.model = Seq2Seq(
-            src_vocab_size, tgt_vocab_size, src_pad_id=Vocab.pad_id, tgt_pad_id=Vocab.pad_id,
+            src_vocab_size,
+            tgt_vocab_size,
+            src_pad_id=Vocab.pad_id,
+            tgt_pad_id=Vocab.pad_id,
             **{k: hp[k] for k in MODEL_KEYS},
         )
         self.src_vocab = self.tgt_vocab = None
@@ -267,21 +312,42 @@ class TranslationTask(pl.LightningModule):
     @classmethod
     def from_run(cls, run: RunConfig, dm: ParallelDataModule) -> TranslationTask:
         """The module of a run, on the vocabularies/tokenizers ``dm`` fitted (``dm.setup()`` first)."""
-        keys = ("embedding_size", "hidden_size", "num_layers", "dropout", "attention", "input_feeding",
-                "summary_each_step", "lr", "label_smoothing", "teacher_forcing", "val_bleu", "length_penalty",
-                "lr_plateau_factor", "monitor")
+        keys = (
+            "embedding_size",
+            "hidden_size",
+            "num_layers",
+            "dropout",
+            "attention",
+            "input_feeding",
+            "summary_each_step",
+            "lr",
+            "label_smoothing",
+            "teacher_forcing",
+            "val_bleu",
+            "length_penalty",
+            "lr_plateau_factor",
+            "monitor",
+        )
         return cls(
-            src_vocab_size=len(dm.src_vocab), tgt_vocab_size=len(dm.tgt_vocab),
-            src_vocab_fingerprint=dm.src_vocab.fingerprint(), tgt_vocab_fingerprint=dm.tgt_vocab.fingerprint(),
-            src_vocab=dm.src_vocab, tgt_vocab=dm.tgt_vocab, src_tokenizer=dm.src_tokenizer,
-            tgt_tokenizer=dm.tgt_tokenizer, decode_max_len=run.max_len, **{k: getattr(run, k) for k in keys},
+            src_vocab_size=len(dm.src_vocab),
+            tgt_vocab_size=len(dm.tgt_vocab),
+            src_vocab_fingerprint=dm.src_vocab.fingerprint(),
+            tgt_vocab_fingerprint=dm.tgt_vocab.fingerprint(),
+            src_vocab=dm.src_vocab,
+            tgt_vocab=dm.tgt_vocab,
+            src_tokenizer=dm.src_tokenizer,
+            tgt_tokenizer=dm.tgt_tokenizer,
+            decode_max_len=run.max_len,
+            **{k: getattr(run, k) for k in keys},
         )
 
     # -- vocabularies ------------------------------------------------------------------------
     def attach_vocabs(self, src_vocab: Vocab, tgt_vocab: Vocab, where: str = "TranslationTask") -> None:
         """Check that the vocabularies fit the model's embedding/output sizes, then keep them."""
-        for side, vocab, size in (("source", src_vocab, self.hparams.src_vocab_size),
-                                  ("target", tgt_vocab, self.hparams.tgt_vocab_size)):
+        for side, vocab, size in (
+            ("source", src_vocab, self.hparams.src_vocab_size),
+            ("target", tgt_vocab, self.hparams.tgt_vocab_size),
+        ):
             if vocab is None:
                 raise DataError(f"{where}: the {side} vocabulary is missing")
             if len(vocab) != size:
@@ -319,8 +385,11 @@ class TranslationTask(pl.LightningModule):
         teacher_forcing = self.hparams.teacher_forcing if self.training else 1.0
         logits = self.model(batch.src, batch.src_lengths, batch.tgt_in, teacher_forcing)  # [batch, T, V]
         return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(), batch.tgt_out.reshape(-1),
-            ignore_index=Vocab.pad_id, label_smoothing=label_smoothing, reduction=reduction,
+            logits.reshape(-1, logits.size(-1)).float(),
+            batch.tgt_out.reshape(-1),
+            ignore_index=Vocab.pad_id,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
         )
 
     def training_step(self, batch: TranslationBatch, batch_idx: int):
@@ -339,10 +408,13 @@ class TranslationTask(pl.LightningModule):
             return optimizer
         # Multiply the learning rate by the factor whenever the monitored metric stops improving.
         mode = "max" if self.hparams.monitor == "val/bleu" else "min"
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode,
-                                                               factor=self.hparams.lr_plateau_factor, patience=0)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"}}
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=self.hparams.lr_plateau_factor, patience=0
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.hparams.monitor, "interval": "epoch"},
+        }
 
     # -- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -372,8 +444,15 @@ class TranslationTask(pl.LightningModule):
 
     # -- inference ---------------------------------------------------------------------------
     @torch.no_grad()
-    def decode(self, src: torch.Tensor, src_lengths: torch.Tensor, beam_size: int = 1, max_len: int | None = None,
-               length_penalty: float | None = None, return_attention: bool = False) -> DecodeResult:
+    def decode(
+        self,
+        src: torch.Tensor,
+        src_lengths: torch.Tensor,
+        beam_size: int = 1,
+        max_len: int | None = None,
+        length_penalty: float | None = None,
+        return_attention: bool = False,
+    ) -> DecodeResult:
         """A padded batch [batch, S] -> best hypotheses: greedy decoding for ``beam_size`` 1, batched
         beam search otherwise (beam search of width 1 gives the same result; it stays reachable
         as :func:`rnnlab.decoding.beam_search` on ``self.model.incremental_decoder()``)."""
@@ -385,8 +464,13 @@ class TranslationTask(pl.LightningModule):
             decoder = self.model.incremental_decoder()
             state = decoder.start(src, src_lengths)
             max_len = max_len or self.hparams.decode_max_len
-            common = dict(batch_size=src.size(0), bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=max_len,
-                          return_attention=return_attention)
+            common = dict(
+                batch_size=src.size(0),
+                bos_id=Vocab.bos_id,
+                eos_id=Vocab.eos_id,
+                max_len=max_len,
+                return_attention=return_attention,
+            )
             if beam_size == 1:
                 return greedy_decode(decoder, state, **common)
             alpha = self.hparams.length_penalty if length_penalty is None else length_penalty
@@ -416,14 +500,25 @@ class TranslationTask(pl.LightningModule):
             log.warning("truncated %d of %d source sentences to %d tokens", truncated, len(sentences), max_len)
         return encoded
 
-    def decode_sentences(self, sentences: list[str], beam_size: int = 5, max_len: int | None = None,
-                         length_penalty: float | None = None, batch_size: int = DECODE_BATCH,
-                         return_attention: bool = False) -> tuple[list[np.ndarray], DecodeResult]:
+    def decode_sentences(
+        self,
+        sentences: list[str],
+        beam_size: int = 5,
+        max_len: int | None = None,
+        length_penalty: float | None = None,
+        batch_size: int = DECODE_BATCH,
+        return_attention: bool = False,
+    ) -> tuple[list[np.ndarray], DecodeResult]:
         """Encode and decode raw sentences (sorted by length into batches, results in input order)."""
         encoded = self.encode_sources(sentences, max_len)
         order = np.argsort([len(e) for e in encoded], kind="stable")
-        merged = DecodeResult([None] * len(encoded), [0.0] * len(encoded), [0.0] * len(encoded),
-                              [False] * len(encoded), [None] * len(encoded) if return_attention else None)
+        merged = DecodeResult(
+            [None] * len(encoded),
+            [0.0] * len(encoded),
+            [0.0] * len(encoded),
+            [False] * len(encoded),
+            [None] * len(encoded) if return_attention else None,
+        )
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             src = pad_sequences([encoded[i] for i in chunk], Vocab.pad_id).to(self.device)
@@ -436,8 +531,14 @@ class TranslationTask(pl.LightningModule):
                     merged.attention[i] = result.attention[j][:, : len(encoded[i])]
         return encoded, merged
 
-    def translate(self, sentences: list[str], beam_size: int = 5, max_len: int | None = None,
-                  length_penalty: float | None = None, batch_size: int = DECODE_BATCH) -> list[str]:
+    def translate(
+        self,
+        sentences: list[str],
+        beam_size: int = 5,
+        max_len: int | None = None,
+        length_penalty: float | None = None,
+        batch_size: int = DECODE_BATCH,
+    ) -> list[str]:
         """Raw English sentences -> detokenized German translations (same order)."""
         if not sentences:
             return []
@@ -458,8 +559,12 @@ def teacher_forced_loss(module: TranslationTask, loader) -> float:
         for batch in loader:
             batch = type(batch)(*(t.to(module.device) for t in batch))
             logits = module.model(batch.src, batch.src_lengths, batch.tgt_in)  # [batch, T, V]
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch.tgt_out.reshape(-1),
-                                     ignore_index=Vocab.pad_id, reduction="sum").item()
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(),
+                batch.tgt_out.reshape(-1),
+                ignore_index=Vocab.pad_id,
+                reduction="sum",
+            ).item()
             count += int((batch.tgt_out != Vocab.pad_id).sum())
     finally:
         module.model.train(was_training)
@@ -479,8 +584,14 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def evaluate(module: TranslationTask, datamodule: ParallelDataModule, beam_sizes: Iterable[int],
-             out_dir: Path | None = None, ppl_splits: Iterable[str] = ("test",), split: str = "test") -> dict:
+def evaluate(
+    module: TranslationTask,
+    datamodule: ParallelDataModule,
+    beam_sizes: Iterable[int],
+    out_dir: Path | None = None,
+    ppl_splits: Iterable[str] = ("test",),
+    split: str = "test",
+) -> dict:
     """Score ``module`` on ``split`` of ``datamodule``: teacher-forced loss/perplexity of each of
     ``ppl_splits`` and free-running decoding of ``split`` at every setting of :func:`settings`.
 
@@ -515,8 +626,9 @@ def evaluate(module: TranslationTask, datamodule: ParallelDataModule, beam_sizes
     return out
 
 
-def attention_heatmaps(module: TranslationTask, sentences: list[str], out_dir: str | Path, beam_size: int = 1,
-                       prefix: str = "val") -> list[Path]:
+def attention_heatmaps(
+    module: TranslationTask, sentences: list[str], out_dir: str | Path, beam_size: int = 1, prefix: str = "val"
+) -> list[Path]:
     """Translate ``sentences`` and draw one heatmap per sentence; [] for a model without attention."""
     from rnnlab.plots import plot_attention
 
@@ -525,11 +637,19 @@ def attention_heatmaps(module: TranslationTask, sentences: list[str], out_dir: s
     encoded, result = module.decode_sentences(sentences, beam_size=beam_size, return_attention=True)
     paths = []
     for i, (ids, out_ids, finished, weights) in enumerate(
-            zip(encoded, result.tokens, result.finished, result.attention)):
+        zip(encoded, result.tokens, result.finished, result.attention)
+    ):
         source_tokens = module.src_vocab.decode(ids.tolist())
         target_tokens = module.tgt_vocab.decode(out_ids) + ([EOS] if finished else [])
-        paths.append(plot_attention(source_tokens, target_tokens, weights, Path(out_dir) / f"{prefix}_{i:02d}.png",
-                                    title=f"{module.hparams.attention} attention, beam {beam_size}"))
+        paths.append(
+            plot_attention(
+                source_tokens,
+                target_tokens,
+                weights,
+                Path(out_dir) / f"{prefix}_{i:02d}.png",
+                title=f"{module.hparams.attention} attention, beam {beam_size}",
+            )
+        )
     return paths
 
 
@@ -550,15 +670,29 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     data = subsample(read_pairs(pairs_file), run.max_train_pairs, run.max_val_pairs, run.max_test_pairs)
     counts = {split: int((data["split"] == split).sum()) for split in ("train", "val", "test")}
     dm = ParallelDataModule(
-        data, tokenizer=run.tokenizer, bpe_vocab_size=run.bpe_vocab_size, min_freq=run.min_freq,
-        max_len=run.max_len, batch_size=run.batch_size, eval_batch_size=run.eval_batch_size, seed=ctx.seed,
+        data,
+        tokenizer=run.tokenizer,
+        bpe_vocab_size=run.bpe_vocab_size,
+        min_freq=run.min_freq,
+        max_len=run.max_len,
+        batch_size=run.batch_size,
+        eval_batch_size=run.eval_batch_size,
+        seed=ctx.seed,
         lowercase_target=run.lowercase_target,
     )
     dm.setup("fit")
     module = TranslationTask.from_run(run, dm)
-    spec = FitSpec(max_epochs=run.max_epochs, monitor=run.monitor, mode=run.mode, patience=run.patience,
-                   limit_train_batches=run.limit_train_batches, max_time_minutes=run.max_time_minutes,
-                   gradient_clip_val=run.clip, tokens_per_batch=_tokens_per_batch, distributed=False)
+    spec = FitSpec(
+        max_epochs=run.max_epochs,
+        monitor=run.monitor,
+        mode=run.mode,
+        patience=run.patience,
+        limit_train_batches=run.limit_train_batches,
+        max_time_minutes=run.max_time_minutes,
+        gradient_clip_val=run.clip,
+        tokens_per_batch=_tokens_per_batch,
+        distributed=False,
+    )
     result = fit(module, dm, ctx.trainer, spec, ctx.resume, ctx.tracker)
     load_best_weights(module, result)
     module.eval()
@@ -577,18 +711,27 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     row = {"corpus": CORPUS, "test_set": TEST_SET, "attention": run.attention}
     row.update({f"{SCORE_NAMES[s]}_{d}": scores[f"{SCORE_NAMES[s]}_{d}"] for d in decodes for s in SCORES})
     row.update({k: scores[k] for k in ("sacrebleu_signature", "chrf_signature", "tok_lc_bleu_signature")})
-    row.update({
-        "val_ppl": scores["val_ppl"], "test_ppl": scores["test_ppl"], "val_loss": scores["val_loss"],
-        "test_loss": scores["test_loss"], "val_sacrebleu_best": round(max(val_bleus), 2) if val_bleus else float("nan"),
-        "params": module.num_parameters(), "epochs": len(history.history), "steps": result.trainer.global_step,
-        "train_wall_s": round(result.wall_s, 1), "eval_wall_s": round(eval_seconds, 1),
-        "train_tokens_per_s": round(history.tokens_per_second, 1),
-        **{f"sentences_per_s_{d}": scores[f"sentences_per_s_{d}"] for d in decodes},
-        "src_vocab_size": len(dm.src_vocab), "tgt_vocab_size": len(dm.tgt_vocab),
-        "pairs": counts,
-        "truncated": {f"{split}_{side}": n for split, cut in dm.truncated.items() for side, n in cut.items()},
-        "model_path": out_dir.as_posix(),
-    })
+    row.update(
+        {
+            "val_ppl": scores["val_ppl"],
+            "test_ppl": scores["test_ppl"],
+            "val_loss": scores["val_loss"],
+            "test_loss": scores["test_loss"],
+            "val_sacrebleu_best": round(max(val_bleus), 2) if val_bleus else float("nan"),
+            "params": module.num_parameters(),
+            "epochs": len(history.history),
+            "steps": result.trainer.global_step,
+            "train_wall_s": round(result.wall_s, 1),
+            "eval_wall_s": round(eval_seconds, 1),
+            "train_tokens_per_s": round(history.tokens_per_second, 1),
+            **{f"sentences_per_s_{d}": scores[f"sentences_per_s_{d}"] for d in decodes},
+            "src_vocab_size": len(dm.src_vocab),
+            "tgt_vocab_size": len(dm.tgt_vocab),
+            "pairs": counts,
+            "truncated": {f"{split}_{side}": n for split, cut in dm.truncated.items() for side, n in cut.items()},
+            "model_path": out_dir.as_posix(),
+        }
+    )
     plotted = [r for r in beam_rows if r["beam"] in set(run.beam_sizes)]
     plot_rows = [{"run": ctx.name, "beam": r["beam"], "bleu": r["sacrebleu"]} for r in plotted]
 
@@ -650,8 +793,9 @@ def load(ref: str | Path, map_location: str | torch.device = "cpu") -> Translati
     return module
 
 
-def score(folder: str | Path, paths: StagePaths | str | Path, beam_sizes: Iterable[int] = (1, 5),
-          limit: int | None = None) -> dict:
+def score(
+    folder: str | Path, paths: StagePaths | str | Path, beam_sizes: Iterable[int] = (1, 5), limit: int | None = None
+) -> dict:
     """Rescore a ``train_seq2seq`` model folder on the whole Multi30k test split (test_2016_flickr).
 
     ``folder``: the model folder, its ``model.ckpt`` or an MLflow run id; ``paths``: the stage
@@ -675,22 +819,33 @@ def score(folder: str | Path, paths: StagePaths | str | Path, beam_sizes: Iterab
     pairs = read_pairs(paths)
     if limit is not None:
         pairs = subsample(pairs, None, None, limit)
-    dm = ParallelDataModule(pairs, max_len=int(config.get("max_len", module.hparams.decode_max_len)),
-                            eval_batch_size=int(config.get("eval_batch_size", RunConfig.eval_batch_size)),
-                            tokenizers=(module.src_tokenizer, module.tgt_tokenizer),
-                            vocabs=(module.src_vocab, module.tgt_vocab))
+    dm = ParallelDataModule(
+        pairs,
+        max_len=int(config.get("max_len", module.hparams.decode_max_len)),
+        eval_batch_size=int(config.get("eval_batch_size", RunConfig.eval_batch_size)),
+        tokenizers=(module.src_tokenizer, module.tgt_tokenizer),
+        vocabs=(module.src_vocab, module.tgt_vocab),
+    )
     dm.setup_split("test")
     scores = evaluate(module, dm, beam_sizes)
     beam_rows = scores.pop("beams")
     decodes = [decode_name(b) for b in settings(beam_sizes)]
     result = {f"{SCORE_NAMES[s]}_{d}": scores[f"{SCORE_NAMES[s]}_{d}"] for d in decodes for s in SCORES}
     result.update({k: scores[k] for k in ("sacrebleu_signature", "chrf_signature", "tok_lc_bleu_signature")})
-    result.update({
-        "test_ppl": scores["test_ppl"], "test_loss": scores["test_loss"], "params": module.num_parameters(),
-        "test_sentences": len(dm.texts["test"]), "truncated_test_src": dm.truncated["test"]["src"],
-        "beams": [{"beam": r["beam"], **{SCORE_NAMES[s]: r[s] for s in SCORES}}
-                  for r in beam_rows if r["beam"] in set(beam_sizes)],
-    })
+    result.update(
+        {
+            "test_ppl": scores["test_ppl"],
+            "test_loss": scores["test_loss"],
+            "params": module.num_parameters(),
+            "test_sentences": len(dm.texts["test"]),
+            "truncated_test_src": dm.truncated["test"]["src"],
+            "beams": [
+                {"beam": r["beam"], **{SCORE_NAMES[s]: r[s] for s in SCORES}}
+                for r in beam_rows
+                if r["beam"] in set(beam_sizes)
+            ],
+        }
+    )
     return result
 
 
@@ -708,8 +863,9 @@ def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def translate_lines(module: TranslationTask, lines: list[str], beam: int,
-                    batch_size: int = DECODE_BATCH) -> tuple[list[str], int, int]:
+def translate_lines(
+    module: TranslationTask, lines: list[str], beam: int, batch_size: int = DECODE_BATCH
+) -> tuple[list[str], int, int]:
     """Translations (``""`` for blank lines), number of blank lines, number truncated.
 
     ``batch_size``: sentences decoded together (sorted by length; answers in input order)."""
@@ -769,8 +925,16 @@ def check_output_file(path: str | Path, input_path: str | Path | None = None, fl
     return path
 
 
-def translate_stream(module: TranslationTask, lines: Iterable[str], out, beam: int, batch_size: int = STDIN_BATCH,
-                     total: int | None = None, stderr=None, progress: bool = True) -> dict:
+def translate_stream(
+    module: TranslationTask,
+    lines: Iterable[str],
+    out,
+    beam: int,
+    batch_size: int = STDIN_BATCH,
+    total: int | None = None,
+    stderr=None,
+    progress: bool = True,
+) -> dict:
     """Translate ``lines`` batch by batch into ``out`` (a text stream): output line i for input line i,
     a blank input line gives an empty output line. A tqdm bar on ``stderr`` counts the lines.
 
@@ -784,8 +948,15 @@ def translate_stream(module: TranslationTask, lines: Iterable[str], out, beam: i
     level = log.level
     log.setLevel(max(level, logging.ERROR))  # truncation is counted in the returned summary, not logged per batch
     try:
-        with tqdm(total=total, unit="line", desc="translate", file=stderr, disable=not progress, mininterval=0.5,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total,
+            unit="line",
+            desc="translate",
+            file=stderr,
+            disable=not progress,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        ) as bar:
             for batch in _batches(lines, batch_size):
                 hyps, n_blank, n_cut = translate_lines(module, batch, beam, batch_size)
                 out.write("".join(_one_line(hyp) + "\n" for hyp in hyps))
@@ -797,8 +968,14 @@ def translate_stream(module: TranslationTask, lines: Iterable[str], out, beam: i
     finally:
         log.setLevel(level)
     seconds = time.perf_counter() - start
-    return {"lines": n_lines, "translated": done, "empty": blank, "truncated": truncated,
-            "seconds": round(seconds, 3), "sentences_per_s": round(done / seconds, 2) if seconds > 0 else None}
+    return {
+        "lines": n_lines,
+        "translated": done,
+        "empty": blank,
+        "truncated": truncated,
+        "seconds": round(seconds, 3),
+        "sentences_per_s": round(done / seconds, 2) if seconds > 0 else None,
+    }
 
 
 def _check_counts(beam: int, batch_size: int, max_beam: int | None) -> None:
@@ -809,10 +986,20 @@ def _check_counts(beam: int, batch_size: int, max_beam: int | None) -> None:
         raise RnnlabError(f"--batch-size: expected an integer >= 1, got {batch_size}")
 
 
-def translate_command(sentence: str | None, beam: int = 5, run: str | Path | None = None, stdin=None,
-                      stdout=None, stderr=None, *, input_path: str | Path | None = None,
-                      output_path: str | Path | None = None, batch_size: int = STDIN_BATCH,
-                      max_beam: int | None = None, progress: bool = True) -> int:
+def translate_command(
+    sentence: str | None,
+    beam: int = 5,
+    run: str | Path | None = None,
+    stdin=None,
+    stdout=None,
+    stderr=None,
+    *,
+    input_path: str | Path | None = None,
+    output_path: str | Path | None = None,
+    batch_size: int = STDIN_BATCH,
+    max_beam: int | None = None,
+    progress: bool = True,
+) -> int:
     """``rnnlab translate``: English -> German; returns the number of sentences translated.
 
     ``run``: a model folder, its ``model.ckpt`` or an MLflow run id (None or :data:`DEFAULT_RUN`: the
@@ -846,11 +1033,14 @@ def translate_command(sentence: str | None, beam: int = 5, run: str | Path | Non
         else:
             summary = translate_stream(module, lines, stdout, beam, batch_size, total, stderr, progress)
         rate = summary["sentences_per_s"]
-        print(f"rnnlab translate: {summary['lines']} line(s) -> {output_path or 'stdout'}: "
-              f"{summary['translated']} sentence(s) translated, {summary['empty']} empty or whitespace-only "
-              f"line(s) left empty, {summary['truncated']} truncated to {module.hparams.decode_max_len} tokens; "
-              f"{summary['seconds']:.1f} s, {rate if rate is not None else '-'} sentences/s "
-              f"(beam {beam}, batch {batch_size})", file=stderr)
+        print(
+            f"rnnlab translate: {summary['lines']} line(s) -> {output_path or 'stdout'}: "
+            f"{summary['translated']} sentence(s) translated, {summary['empty']} empty or whitespace-only "
+            f"line(s) left empty, {summary['truncated']} truncated to {module.hparams.decode_max_len} tokens; "
+            f"{summary['seconds']:.1f} s, {rate if rate is not None else '-'} sentences/s "
+            f"(beam {beam}, batch {batch_size})",
+            file=stderr,
+        )
         return summary["translated"]
     if sentence is not None:
         (hyp,), blank, truncated = translate_lines(module, [sentence], beam)
@@ -869,6 +1059,9 @@ def translate_command(sentence: str | None, beam: int = 5, run: str | Path | Non
     if blank:
         print(f"rnnlab translate: {blank} empty or whitespace-only line(s) gave empty output lines", file=stderr)
     if truncated:
-        print(f"rnnlab translate: warning: {truncated} sentence(s) longer than {module.hparams.decode_max_len} tokens "
-              "were truncated", file=stderr)
+        print(
+            f"rnnlab translate: warning: {truncated} sentence(s) longer than {module.hparams.decode_max_len} tokens "
+            "were truncated",
+            file=stderr,
+        )
     return done
