@@ -183,6 +183,7 @@ class Server:
         )
         self.seen: dict[int, psutil.Process] = {}
         self.peak_rss = self.peak_pss = 0
+        self.rss_samples: list[tuple[float, int]] = []  # (monotonic time, tree RSS): is memory flat under load?
         self._stop_sampling = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
@@ -214,6 +215,7 @@ class Server:
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
             self.peak_rss = max(self.peak_rss, rss)
+            self.rss_samples.append((time.monotonic(), rss))
             if full:
                 self.peak_pss, last_pss = max(self.peak_pss, pss), time.monotonic()
             self._stop_sampling.wait(0.2)
@@ -318,6 +320,14 @@ def judge(kind: str, status, data: bytes) -> bool:
     )
 
 
+def rss_by_quarter(samples: list[tuple[float, int]], start: float, end: float) -> list[float | None]:
+    quarters: list[list[int]] = [[], [], [], []]
+    for t, rss in samples:
+        if start <= t <= end:
+            quarters[min(3, int(4 * (t - start) / max(end - start, 1e-9)))].append(rss)
+    return [round(max(q) / 2**20, 1) if q else None for q in quarters]
+
+
 def percentile_ms(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
@@ -395,10 +405,10 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
             threads.append(t)
         barrier.wait()
-        t0 = time.perf_counter()
+        t0, m0 = time.perf_counter(), time.monotonic()
         for t in threads:
             t.join()
-        wall = time.perf_counter() - t0
+        wall, m1 = time.perf_counter() - t0, time.monotonic()
         alive = server.alive()
 
         good = [r for r in results if r[0] == "good"]
@@ -427,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                 "status_counts_by_kind": {k: dict(sorted(v.items())) for k, v in sorted(by_kind.items())},
                 "peak_rss_mb": round(server.peak_rss / 2**20, 1),
                 "peak_pss_mb": round(server.peak_pss / 2**20, 1) if server.peak_pss else None,
+                # Peak RSS of each quarter of the load: flat memory = the last quarter no higher than the first
+                # (the first includes each worker's lazy first-request allocations).
+                "peak_rss_mb_by_quarter": rss_by_quarter(server.rss_samples, m0, m1),
                 "server_processes": len(server.tree()),
                 "good_requests": len(good),
                 "good_failed": len(good) - len(good_ok),

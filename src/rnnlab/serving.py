@@ -212,14 +212,16 @@ class CaptionerPyfunc(PythonModel):
     ``encoder_weights``): images arrive base64-encoded in the ``image`` column."""
 
     def load_context(self, context) -> None:
-        self.checkpoint = context.artifacts["checkpoint"]
-        self.encoder_weights = context.artifacts.get("encoder_weights")
+        from rnnlab.tasks.captioning import ImageCaptioner
+
+        # Built once per worker: loading the checkpoint and the CNN per request cost seconds and memory.
+        self.captioner = ImageCaptioner(context.artifacts["checkpoint"], context.artifacts.get("encoder_weights"))
         self.default_beam = int((context.model_config or {}).get("beam", 3))
 
     @_guard
     def predict(self, context, model_input, params=None):
+        from rnnlab.data.images import load_image
         from rnnlab.errors import DataError
-        from rnnlab.tasks.captioning import caption_images
 
         rows = _rows(model_input, "image")
         texts = [_image_text(row, i) for i, row in enumerate(rows)]  # sizes checked before any decoding
@@ -239,12 +241,10 @@ class CaptionerPyfunc(PythonModel):
                 path.write_bytes(data)
                 paths.append(path)
             try:
-                captions = caption_images(
-                    self.checkpoint, paths, beam_size=beams.pop(), encoder_weights=self.encoder_weights
-                )
+                images = [load_image(path) for path in paths]  # every image decoded before any is captioned
             except DataError as exc:
                 raise _bad(str(exc).replace(tmp + "/", "")) from None
-        return pd.DataFrame({"caption": captions})
+        return pd.DataFrame({"caption": self.captioner.caption(images, beam_size=beams.pop())})
 
 
 # ----------------------------------------------------------------------------------------------
