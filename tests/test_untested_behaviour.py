@@ -311,17 +311,14 @@ def captioner(tmp_path_factory, mirror):
     return root / "models" / "run", mirror / "flickr8k" / "images" / keep[2]
 
 
-NO_TOKENS_CHECK = "rnnlab generate does not check --tokens: 0 or a negative count prints an empty line, exit 0"
-
-
 @pytest.mark.parametrize(
     "command, option, value",
     [
         ("translate", "--beam", "0"),
         ("translate", "--beam", "-2"),
         ("caption", "--beam", "0"),
-        pytest.param("generate", "--tokens", "0", marks=pytest.mark.xfail(strict=True, reason=NO_TOKENS_CHECK)),
-        pytest.param("generate", "--tokens", "-3", marks=pytest.mark.xfail(strict=True, reason=NO_TOKENS_CHECK)),
+        ("generate", "--tokens", "0"),  # checked since issue 16 (was: an empty line, exit 0)
+        ("generate", "--tokens", "-3"),
         ("generate", "--temperature", "0"),
         ("generate", "--temperature", "-1"),
     ],
@@ -342,6 +339,5 @@ def test_cli_rejects_out_of_range_options(command, option, value, request, capsy
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert err.startswith("error: ") and "Traceback" not in err
-    # The message names the option: "--beam: ..." (translate); "temperature must be > 0, got 0.0"
-    # names it without its dashes.
+    # The message names the option: "--beam: ...", "--tokens: ...", "--temperature: ...".
     assert option.lstrip("-") in err
