@@ -473,6 +473,7 @@ def score(
     beam_sizes: Sequence[int] = (1, 3),
     split: str = "test",
     limit: int | None = None,
+    rules: OutputRules | None = None,
 ) -> dict:
     """Score a ``train_captioner`` model folder on ``split`` from the saved folder only.
 
@@ -488,6 +489,8 @@ def score(
             raise DataError(f"{path}: missing from the captioner model folder (run train_captioner)")
     run = read_json(folder / RUN_FILE)
     module = load(folder / MODEL_FILE)
+    if rules is not None:  # instead of the checkpoint's (benchmarks/decoding_rules.py)
+        module.rules = rules
     features_dir = Path(paths.features)
     features = load_features(features_dir / FEATURES_FILE, features_dir / INDEX_FILE)
     if features[1].get("encoder") != module.hparams.encoder:
@@ -516,7 +519,7 @@ def score(
         data,
         split,
         list(beam_sizes),
-        settings["length_penalty"],
+        None if rules is not None else settings["length_penalty"],
         settings["batch_size"],
         captions=captions,
         coco=settings.get("coco_metrics", False),

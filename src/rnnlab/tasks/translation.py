@@ -822,14 +822,19 @@ def load(ref: str | Path, map_location: str | torch.device = "cpu") -> Translati
 
 
 def score(
-    folder: str | Path, paths: StagePaths | str | Path, beam_sizes: Iterable[int] = (1, 5), limit: int | None = None
+    folder: str | Path,
+    paths: StagePaths | str | Path,
+    beam_sizes: Iterable[int] = (1, 5),
+    limit: int | None = None,
+    rules: OutputRules | None = None,
 ) -> dict:
     """Rescore a ``train_seq2seq`` model folder on the whole Multi30k test split (test_2016_flickr).
 
     ``folder``: the model folder, its ``model.ckpt`` or an MLflow run id; ``paths``: the stage
     paths (``paths.prepared`` = ``data/prepared``) or the prepared folder itself (``data/prepared``
     or ``data/prepared/multi30k``). ``max_len`` and ``eval_batch_size`` come from ``config.json``;
-    ``limit``: the first N test pairs only (smoke tests).
+    ``limit``: the first N test pairs only (smoke tests); ``rules``: decode under these output
+    rules instead of the checkpoint's (benchmarks/decoding_rules.py).
     Decoding and perplexity run through :func:`evaluate` exactly as at the end of training, so the
     numbers equal the training row.
 
@@ -843,6 +848,8 @@ def score(
         raise ValueError(f"beam_sizes: expected integers >= 1, got {beam_sizes}")
     model_folder, _ = model_files(folder)
     module = load(model_folder)
+    if rules is not None:
+        module.rules = rules
     config = read_json(model_folder / "config.json") if (model_folder / "config.json").is_file() else {}
     pairs = read_pairs(paths)
     if limit is not None:
