@@ -262,3 +262,58 @@ def test_caption_folder_errors_exit_2(captioner, photos, tmp_path, capsys):
     code, _, err = run_cli(["caption", str(folder), "--out", str(tmp_path / "no" / "c.jsonl")] + run, capsys)
     assert code == 2 and "does not exist" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --attention FILE [--plot] (issue 16 item 5)
+# ----------------------------------------------------------------------------------------------
+def _check_attention_records(records: list[dict], sources: list[str]) -> None:
+    assert [r["input"] for r in records] == sources
+    for rec in records:
+        weights = torch.tensor(rec["weights"])
+        assert weights.shape == (len(rec["target"]), len(rec["source"])), rec
+        assert len(rec["target"]) >= 1 and len(rec["source"]) >= 1
+        assert torch.allclose(weights.sum(dim=1), torch.ones(len(rec["target"])), atol=1e-4)
+        assert (weights >= 0).all()
+
+
+def test_translate_attention_json_and_png(translator, english, tmp_path, capsys):
+    path, lines = english
+    out = tmp_path / "attn.json"
+    code, stdout, err = run_cli(
+        ["translate", lines[0], "--run", str(translator), "--beam", "2", "--attention", str(out), "--plot"], capsys
+    )
+    assert code == 0, err
+    records = json.loads(out.read_text(encoding="utf-8"))
+    _check_attention_records(records, [lines[0]])
+    module = translation.load(translator)
+    rec = records[0]
+    assert rec["source"] == module.src_vocab.decode(module.encode_sources([lines[0]])[0].tolist())
+    # the target tokens are the printed translation's (+ <eos> when it was emitted)
+    assert module.tgt_tokenizer.detokenize([t for t in rec["target"] if t != "<eos>"]) == stdout.strip()
+    assert (tmp_path / "attn.png").stat().st_size > 1000
+    # several sentences (--input): one record each, blank lines left out, one PNG each
+    out2 = tmp_path / "many.json"
+    code, _, err = run_cli(
+        ["translate", "--input", str(path), "--run", str(translator), "--attention", str(out2), "--plot"], capsys
+    )
+    assert code == 0, err
+    _check_attention_records(json.loads(out2.read_text(encoding="utf-8")), [x for x in lines if x.strip()])
+    assert len(list(tmp_path.glob("many_*.png"))) == N_SENTENCES
+
+
+def test_caption_attention_json_and_png(captioner, photos, tmp_path, capsys):
+    folder, good = photos
+    image = folder / good[0]
+    out = tmp_path / "cap_attn.json"
+    code, stdout, err = run_cli(["caption", str(image), "--run", str(captioner), "--attention", str(out)], capsys)
+    assert code == 0, err
+    records = json.loads(out.read_text(encoding="utf-8"))
+    _check_attention_records(records, [str(image)])
+    assert records[0]["source"][:2] == ["r0c0", "r0c1"] and len(records[0]["source"]) == 49  # 7 x 7 regions
+    assert not (tmp_path / "cap_attn.png").exists()  # no --plot, no PNG
+    code, _, err = run_cli(["caption", str(image), "--run", str(captioner), "--attention", str(out), "--plot"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "cap_attn.png").stat().st_size > 1000
+    code, _, err = run_cli(["caption", str(image), "--run", str(captioner), "--plot"], capsys)
+    assert code == 2 and "--plot needs --attention" in err

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     p_gen.add_argument("--tokens", type=int, default=50)
     p_gen.add_argument("--temperature", type=float, default=1.0)
     p_gen.add_argument("--seed", type=int, default=0)
+    p_gen.add_argument("--allow-unk", action="store_true", help="let <unk> be sampled (never, by default)")
     p_tr = sub.add_parser("translate", help="English -> German with a train_seq2seq model (stdin when no sentence)")
     p_tr.add_argument(
         "sentence", nargs="?", help="English sentence; omitted: translate --input (or stdin) line by line"
@@ -96,6 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         help="train_seq2seq model folder, model.ckpt or MLflow run id "
         "(default: data/models/seq2seq/multi30k-attention)",
     )
+    p_tr.add_argument("--allow-unk", action="store_true", help="let <unk> be emitted (never, by default)")
+    p_tr.add_argument(
+        "--attention",
+        default=None,
+        metavar="FILE",
+        help="also write the per-token attention weights to FILE (JSON; README 'Decoding rules')",
+    )
+    p_tr.add_argument("--plot", action="store_true", help="with --attention: a heatmap PNG beside FILE too")
     p_cap = sub.add_parser(
         "caption", help="caption an image file, or every image of a folder, with a train_captioner model"
     )
@@ -111,7 +120,17 @@ def main(argv: list[str] | None = None) -> None:
         help="train_captioner model folder, model.ckpt or MLflow run id "
         "(default: data/models/captioner/flickr8k-soft_attention)",
     )
+    p_cap.add_argument("--allow-unk", action="store_true", help="let <unk> be emitted (never, by default)")
+    p_cap.add_argument(
+        "--attention",
+        default=None,
+        metavar="FILE",
+        help="also write the per-token attention weights to FILE (JSON; README 'Decoding rules')",
+    )
+    p_cap.add_argument("--plot", action="store_true", help="with --attention: a heatmap PNG beside FILE too")
     args = parser.parse_args(argv)
+    if args.command in ("translate", "caption") and args.plot and not args.attention:
+        parser.error("--plot needs --attention FILE")
     setup_logging(logging.WARNING)
     try:
         if args.command == "represent":
@@ -125,37 +144,49 @@ def main(argv: list[str] | None = None) -> None:
             print("bag of words:", nz)
             print("one-hot ids :", one_hot_sequence(tokens, vocab).argmax(dim=1).tolist())
         elif args.command == "generate":
-            print(generate_command(args.run, args.prompt, args.tokens, args.temperature, args.seed))
+            print(generate_command(args.run, args.prompt, args.tokens, args.temperature, args.seed, args.allow_unk))
         elif args.command == "translate":
             from rnnlab.tasks.translation import translate_command
 
+            beam = check_beam(args.beam)
+            if args.attention and args.sentence is None and args.input is None:
+                raise RnnlabError("--attention needs a sentence or --input FILE (not stdin)")
             translate_command(
                 args.sentence,
-                check_beam(args.beam),
+                beam,
                 args.run,
                 input_path=args.input,
                 output_path=args.output,
                 batch_size=args.batch_size,
+                allow_unk=args.allow_unk,
             )
+            if args.attention:
+                translation_attention_command(args, beam)
         elif args.command == "caption":
             from pathlib import Path
 
-            if Path(args.image).is_dir() or args.out is not None:  # a folder (an image file with --out: one line)
+            beam = check_beam(args.beam)
+            if args.attention and Path(args.image).is_dir():
+                raise RnnlabError("--attention: give one image file, not a folder")
+            if args.attention:
+                print(caption_attention_command(args.image, beam, args.run, args.attention, args.plot, args.allow_unk))
+            elif Path(args.image).is_dir() or args.out is not None:  # a folder (an image file with --out: one line)
                 from rnnlab.tasks.captioning import caption_folder_command
 
-                caption_folder_command(args.image, args.out, check_beam(args.beam), args.run, args.batch_size)
+                caption_folder_command(args.image, args.out, beam, args.run, args.batch_size, allow_unk=args.allow_unk)
             else:
-                print(caption_command(args.image, check_beam(args.beam), args.run))
+                print(caption_command(args.image, beam, args.run, args.allow_unk))
     except RnnlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
-def generate_command(run: str, prompt: str, tokens: int, temperature: float, seed: int) -> str:
-    from rnnlab.generate import sample
+def generate_command(run: str, prompt: str, tokens: int, temperature: float, seed: int, allow_unk: bool = False) -> str:
+    from rnnlab.generate import check_sampling, sample
     from rnnlab.inference import load_model
 
-    return sample(load_model(run, "lm"), prompt, tokens, temperature, seed)
+    check_sampling(tokens, temperature, dashes="--")  # before a model is loaded (or fetched from MLflow)
+    return sample(load_model(run, "lm"), prompt, tokens, temperature, seed, allow_unk)
 
 
 def check_beam(beam: int) -> int:
@@ -171,13 +202,50 @@ def check_beam(beam: int) -> int:
     return beam
 
 
-def caption_command(image: str, beam: int = 3, run: str | None = None) -> str:
+def caption_command(image: str, beam: int = 3, run: str | None = None, allow_unk: bool = False) -> str:
     from rnnlab.data.images import load_image
     from rnnlab.inference import resolve_model
     from rnnlab.tasks.captioning import caption_images
 
     load_image(image)  # a bad file is reported before any model is loaded or fetched
-    return caption_images(resolve_model(run, "captioning"), [image], beam_size=beam)[0]
+    return caption_images(resolve_model(run, "captioning"), [image], beam_size=beam, allow_unk=allow_unk)[0]
+
+
+def caption_attention_command(
+    image: str, beam: int, run: str | None, attention: str, plot: bool, allow_unk: bool = False
+) -> str:
+    """``rnnlab caption IMAGE --attention FILE [--plot]``: the caption, and its attention written to FILE."""
+    import dataclasses
+
+    from rnnlab.attention_dump import caption_attention, write_attention
+    from rnnlab.data.images import load_image
+    from rnnlab.inference import resolve_model
+    from rnnlab.tasks.captioning import ImageCaptioner
+
+    load_image(image)
+    captioner = ImageCaptioner(resolve_model(run, "captioning"))
+    captioner.module.rules = dataclasses.replace(captioner.module.rules, allow_unk=allow_unk)
+    records = caption_attention(captioner, [image], beam)
+    write_attention(records, attention, plot)
+    return " ".join(t for t in records[0]["target"] if t != "<eos>")
+
+
+def translation_attention_command(args, beam: int) -> None:
+    """``rnnlab translate ... --attention FILE [--plot]``: the attention of each translated sentence."""
+    import dataclasses
+
+    from rnnlab.attention_dump import translation_attention, write_attention
+    from rnnlab.inference import resolve_model
+    from rnnlab.tasks.translation import DEFAULT_RUN, load, read_input_lines
+
+    run = None if args.run is None or str(args.run) == DEFAULT_RUN else args.run
+    module = load(resolve_model(run, "translation"))
+    module.rules = dataclasses.replace(module.rules, allow_unk=args.allow_unk)
+    if args.sentence is not None:
+        sentences = [args.sentence]
+    else:
+        sentences = [line for line in read_input_lines(args.input) if line.strip()]
+    write_attention(translation_attention(module, sentences, beam), args.attention, args.plot)
 
 
 if __name__ == "__main__":

@@ -33,18 +33,32 @@ Beam search (fairseq-style bookkeeping, best hypothesis only):
   ``beam`` non-``<eos>`` candidates stay live. A sentence is finished once ``beam`` hypotheses have
   been finalised, or once no live beam can still beat its best finalised one (exact bound: scores
   only fall as tokens are added, and the length penalty is largest at ``max_len``).
-- Finalised hypotheses are ranked by ``score / lp(length)`` with the GNMT penalty
-  ``lp = ((5 + length) / 6) ** length_penalty`` (``length`` counts ``<eos>``; ``length_penalty=0``
-  ranks by raw log-prob). Live beams are ranked by raw log-prob, as in GNMT/fairseq.
+- Finalised hypotheses are ranked by ``score / lp(length)`` (``length`` counts ``<eos>``), with
+  ``OutputRules.length_norm``: ``gnmt``, the GNMT penalty ``lp = ((5 + length) / 6) ** alpha``
+  (``alpha = OutputRules.length_penalty``; 0 ranks by raw log-prob); ``average``, ``lp = length``
+  (mean log-prob per token); ``none``, ``lp = 1``. Live beams are ranked by raw log-prob, as in
+  GNMT/fairseq.
 - With ``beam_size=1`` this is exactly greedy decoding, whatever the length penalty
   (a finalised ``<eos>`` is then the argmax, and one finalised hypothesis finishes the sentence).
+
+Output rules (:class:`OutputRules`, both functions, applied to ``log_probs`` before any choice;
+``rules=None`` decodes the decoder's distribution as it is, for toy decoders whose ids are not an
+rnnlab vocabulary's; every rnnlab task passes its rules):
+
+- ``<pad>`` and ``<bos>`` are never emitted, nor ``<unk>`` unless ``allow_unk``: their log-probs
+  are set to -inf, so the best allowed token is taken instead (people do not write ``<unk>``).
+- ``block_ngram_repeat = n > 0`` (OpenNMT-py's ``-block_ngram_repeat``): a token that would make
+  the hypothesis repeat an n-gram it already contains gets -inf. With history ``h`` (``<bos>``
+  excluded), token ``w`` is blocked at step ``t`` when ``(h[t-n+1:t], w)`` equals some
+  ``h[i:i+n]``; ``n = 1`` forbids any token already emitted. ``<eos>`` is never blocked (it has not
+  occurred before). Greedy decoding applies the same block, so beam 1 == greedy still holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -73,9 +87,81 @@ class DecodeResult:
     attention: list[Tensor] | None = None
 
 
+LengthNorm = Literal["gnmt", "average", "none"]
+LENGTH_NORMS = ("gnmt", "average", "none")
+
+# The special ids of every rnnlab vocabulary (rnnlab.data.vocab.Vocab: pad 0, unk 1, bos 2, eos 3).
+PAD_ID, UNK_ID, BOS_ID = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class OutputRules:
+    """What a decoded output may contain and how finished beam hypotheses are ranked (module
+    docstring). The defaults here are the library's (no rule but the special-token mask); the
+    training sections of params.yaml state the pipeline's (README "Decoding rules")."""
+
+    allow_unk: bool = False  # True: <unk> may be emitted (<pad>/<bos> never are)
+    block_ngram_repeat: int = 0  # 0: off; n: no n-gram twice in one hypothesis
+    length_norm: LengthNorm = "gnmt"  # beam search only: gnmt | average | none
+    length_penalty: float = 0.0  # GNMT alpha (length_norm gnmt only); 0 = raw log-prob
+
+    def __post_init__(self) -> None:
+        if self.block_ngram_repeat < 0:
+            raise ValueError(f"block_ngram_repeat must be >= 0, got {self.block_ngram_repeat}")
+        if self.length_norm not in LENGTH_NORMS:
+            raise ValueError(f"length_norm must be one of {list(LENGTH_NORMS)}, got {self.length_norm!r}")
+        if self.length_penalty < 0:
+            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+
+    mask_specials: bool = True  # False: only NO_RULES (a raw decoder, ids of no rnnlab vocabulary)
+
+    def banned_ids(self) -> list[int]:
+        if not self.mask_specials:
+            return []
+        return [PAD_ID, BOS_ID] if self.allow_unk else [PAD_ID, UNK_ID, BOS_ID]
+
+    def lp(self, length: int) -> float:
+        """The divisor of a finished hypothesis' summed log-prob (``length`` counts ``<eos>``)."""
+        if self.length_norm == "gnmt":
+            return length_penalty_factor(length, self.length_penalty)
+        if self.length_norm == "average":
+            return float(max(length, 1))
+        return 1.0
+
+
+NO_RULES = OutputRules(mask_specials=False)
+
+
 def length_penalty_factor(length: int, alpha: float) -> float:
     """GNMT length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, eq. 14)."""
     return ((5.0 + length) / 6.0) ** alpha
+
+
+def ngram_blocked(history: Tensor, n: int, vocab_size: int) -> Tensor:
+    """[rows, vocab] bool: the tokens that would repeat an n-gram of ``history`` [rows, t]."""
+    rows, t = history.shape
+    blocked = torch.zeros(rows, vocab_size, dtype=torch.bool, device=history.device)
+    if n < 1 or t < n:  # no complete n-gram yet: nothing can repeat
+        return blocked
+    windows = history.unfold(1, n, 1)  # [rows, t - n + 1, n]: every n-gram so far
+    prefix = history[:, t - n + 1 :]  # [rows, n - 1]: the n-gram the next token would complete
+    match = (windows[:, :, : n - 1] == prefix.unsqueeze(1)).all(dim=2)  # [rows, t - n + 1]
+    counts = torch.zeros(rows, vocab_size, device=history.device)
+    counts.scatter_add_(1, windows[:, :, n - 1], match.float())  # scatter_add: duplicates add up
+    return counts > 0
+
+
+def apply_rules(log_probs: Tensor, history: Tensor, rules: OutputRules) -> Tensor:
+    """``log_probs`` [rows, vocab] with the banned specials and blocked n-gram repeats at -inf."""
+    banned = rules.banned_ids()
+    if banned:
+        log_probs = log_probs.clone()
+        log_probs[:, banned] = float("-inf")
+    if rules.block_ngram_repeat:
+        log_probs = log_probs.masked_fill(
+            ngram_blocked(history, rules.block_ngram_repeat, log_probs.size(-1)), float("-inf")
+        )
+    return log_probs
 
 
 def _find_device(state: Any) -> torch.device | None:
@@ -148,9 +234,11 @@ def greedy_decode(
     max_len: int,
     return_attention: bool = False,
     device: torch.device | str | None = None,
+    rules: OutputRules | None = None,
 ) -> DecodeResult:
-    """Pick the most probable token at every step (see the module docstring for conventions)."""
+    """Pick the most probable allowed token at every step (see the module docstring)."""
     _check_args(batch_size, max_len)
+    rules = rules or NO_RULES
     device = torch.device(device) if device is not None else (_find_device(state) or torch.device("cpu"))
     out_tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
     out_len = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -165,6 +253,7 @@ def greedy_decode(
     prev = torch.full((batch_size,), bos_id, dtype=torch.long, device=device)
     for t in range(max_len):
         log_probs, state, attn = _step(decoder, prev, state)  # log_probs: [rows, vocab]
+        log_probs = apply_rules(log_probs, history, rules)
         top_lp, top_tok = _top_tokens(log_probs, 1)  # the same call beam search makes for beam 1
         best_lp, best = top_lp[:, 0], top_tok[:, 0]  # [rows] each
         score = score + best_lp.double()
@@ -205,14 +294,18 @@ def beam_search(
     eos_id: int,
     beam_size: int,
     max_len: int,
-    length_penalty: float = 0.0,
+    length_penalty: float | None = None,
     return_attention: bool = False,
     device: torch.device | str | None = None,
+    rules: OutputRules | None = None,
 ) -> DecodeResult:
-    """Batched beam search over all sentences at once (see the module docstring)."""
+    """Batched beam search over all sentences at once (see the module docstring).
+
+    ``length_penalty`` (the GNMT alpha), when given, overrides ``rules.length_penalty``."""
     _check_args(batch_size, max_len, beam_size)
-    if length_penalty < 0:
-        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
+    rules = rules or NO_RULES
+    if length_penalty is not None:
+        rules = dataclasses.replace(rules, length_penalty=length_penalty)
     device = torch.device(device) if device is not None else (_find_device(state) or torch.device("cpu"))
     k = beam_size
     neg_inf = float("-inf")
@@ -234,11 +327,12 @@ def beam_search(
     attn_history: Tensor | None = None  # [active, k, t, src_len]
     n_final = torch.zeros(batch_size, dtype=torch.long, device=device)
     prev = torch.full((batch_size * k,), bos_id, dtype=torch.long, device=device)
-    lp_max = length_penalty_factor(max_len, length_penalty)
+    lp_max = rules.lp(max_len)
 
     for t in range(max_len):
         log_probs, state, attn = _step(decoder, prev, state)  # log_probs: [active * k, vocab]
         n_active = active.numel()
+        log_probs = apply_rules(log_probs, history.reshape(n_active * k, t), rules)
         # Two-stage top-k: the best 2k extensions of a sentence are among the best 2k of each beam.
         beam_lp, beam_tok = _top_tokens(log_probs, k)  # [active * k, per_beam], best first
         per_beam = beam_lp.size(-1)
@@ -262,7 +356,7 @@ def beam_search(
         if fin.any():
             fin_scores = torch.where(fin, top_scores[:, :k], torch.full_like(top_scores[:, :k], neg_inf))
             cand_raw, cand_pos = fin_scores.max(dim=1)  # [active]
-            cand_norm = cand_raw / length_penalty_factor(t + 1, length_penalty)
+            cand_norm = cand_raw / rules.lp(t + 1)
             better = cand_norm > best_norm[active]
             if better.any():
                 rows = better.nonzero().squeeze(1)

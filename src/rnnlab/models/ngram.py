@@ -230,8 +230,8 @@ class KneserNeyLanguageModel:
             prob[words] += np.maximum(numer - d, 0.0) / total
         return prob
 
-    def generate(self, prompt_ids, n_tokens: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
-        """Sample ``n_tokens`` ids after ``prompt_ids``; returns only the new ids."""
+    def generate(self, prompt_ids, n_tokens: int, temperature: float = 1.0, seed: int = 0, banned_ids=()) -> list[int]:
+        """Sample ``n_tokens`` ids after ``prompt_ids``, never one of ``banned_ids``; returns only the new ids."""
         if temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {temperature!r}")
         rng = np.random.default_rng(seed)
@@ -243,6 +243,9 @@ class KneserNeyLanguageModel:
                 with np.errstate(divide="ignore"):
                     logits = np.log(prob) / temperature
                 prob = np.exp(logits - logits.max())
+            if len(banned_ids):
+                prob = prob.copy()
+                prob[list(banned_ids)] = 0.0
             prob = prob / prob.sum()
             token = int(rng.choice(prob.size, p=prob))
             history.append(token)

@@ -47,8 +47,8 @@ from rnnlab.config import flatten, parse_section, require
 from rnnlab.data.captions import CaptionDataModule, read_prepared_captions
 from rnnlab.data.feature_cache import FEATURES_FILE, INDEX_FILE, load_features, read_index
 from rnnlab.data.tokenize import Tokenizer, WordTokenizer, build_tokenizer
-from rnnlab.data.vocab import Vocab
-from rnnlab.decoding import beam_search, greedy_decode
+from rnnlab.data.vocab import UNK, Vocab
+from rnnlab.decoding import LengthNorm, OutputRules, beam_search, greedy_decode
 from rnnlab.errors import ConfigError, DataError, RnnlabError, TrainingError
 from rnnlab.io import atomic_path, read_json, write_json
 from rnnlab.metrics import corpus_bleu, decode_name, perplexity, sacrebleu_standard
@@ -97,6 +97,9 @@ class RunConfig:
         words (+ <eos>).
     beam_sizes: test decoding settings; 1 = greedy (e.g. [1, 3, 5]).
     length_penalty: GNMT length penalty alpha for beam search (0 = rank by raw log-prob).
+    length_norm: how beam search ranks finished captions: gnmt (the alpha above) | average | none.
+    block_ngram_repeat: no n-gram of this size twice in one caption (0: off); README "Decoding rules".
+    allow_unk: true lets decoding emit ``<unk>`` (``<pad>``/``<bos>`` never are).
     grid_images: how many test images the PNG grids show.
     enabled: false in a profile that leaves this run out (the stage writes a row saying so).
     CPU threads are the shared ``trainer.num_threads``.
@@ -120,6 +123,9 @@ class RunConfig:
     max_len: int = 30
     beam_sizes: list[int] = field(default_factory=lambda: [1, 3, 5])
     length_penalty: float = 0.0
+    length_norm: LengthNorm = "gnmt"
+    block_ngram_repeat: int = 2  # measured, README "Decoding rules"
+    allow_unk: bool = False
     grid_images: int = 8
     coco_metrics: bool = True  # METEOR, ROUGE-L, CIDEr-D (+ the toolkit's BLEU) per setting; needs Java
     enabled: bool = True
@@ -159,6 +165,7 @@ class RunConfig:
             self.beam_sizes,
         )
         require(self.length_penalty >= 0, f"{where}.length_penalty", "a number >= 0", self.length_penalty)
+        require(self.block_ngram_repeat >= 0, f"{where}.block_ngram_repeat", "an integer >= 0", self.block_ngram_repeat)
         require(self.grid_images >= 0, f"{where}.grid_images", "an integer >= 0", self.grid_images)
         require(
             isinstance(self.limit_train_batches, int)
@@ -219,12 +226,24 @@ class CaptioningTask(pl.LightningModule):
         alpha_c: float = _D.alpha_c,
         max_len: int = _D.max_len,
         encoder: str = _D.encoder,
+        length_penalty: float = _D.length_penalty,
+        length_norm: str = _D.length_norm,
+        block_ngram_repeat: int = _D.block_ngram_repeat,
+        allow_unk: bool = _D.allow_unk,
         tokenizer: dict | None = None,
         vocab_fingerprint: str = "",
         vocab: Vocab | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["vocab"])
+        # What decoding may emit and how beams are ranked (a checkpoint carries its run's rules;
+        # older ones get RunConfig's); the CLI may change it (--allow-unk).
+        self.rules = OutputRules(
+            allow_unk=allow_unk,
+            block_ngram_repeat=block_ngram_repeat,
+            length_norm=length_norm,
+            length_penalty=length_penalty,
+        )
         if vocab is not None and len(vocab) != vocab_size:
             raise RnnlabError(f"vocab_size {vocab_size} != vocabulary of {len(vocab)} tokens")
         self.model = build_captioner(
@@ -300,11 +319,13 @@ class CaptioningTask(pl.LightningModule):
         features: torch.Tensor,
         beam_size: int = 1,
         max_len: int | None = None,
-        length_penalty: float = 0.0,
+        length_penalty: float | None = None,
         return_attention: bool = False,
         batch_size: int = 100,
     ) -> Captions:
-        """Caption images from features [images, positions, channels]; greedy when ``beam_size == 1``."""
+        """Caption images from features [images, positions, channels]; greedy when ``beam_size == 1``.
+
+        Decoding follows ``self.rules``; ``length_penalty`` (GNMT alpha), when given, overrides its alpha."""
         if self.vocab is None:
             raise RnnlabError("CaptioningTask has no vocabulary (load it from a checkpoint)")
         was_training = self.training
@@ -321,6 +342,7 @@ class CaptioningTask(pl.LightningModule):
                     eos_id=Vocab.eos_id,
                     max_len=max_steps,
                     return_attention=return_attention,
+                    rules=self.rules,
                 )
                 if beam_size == 1:
                     result = greedy_decode(stepper, state, **common)
@@ -382,7 +404,7 @@ def evaluate(
     data: CaptionDataModule,
     split: str = "test",
     beam_sizes: Sequence[int] = (1, 3, 5),
-    length_penalty: float = 0.0,
+    length_penalty: float | None = None,
     batch_size: int = 100,
     captions=None,
     coco: bool = True,
@@ -390,7 +412,8 @@ def evaluate(
     """Decode every image of ``split`` with each beam size (1 = greedy) and score it.
 
     Returns (metrics, decoded): ``metrics[setting]`` = {bleu1..4, sacrebleu, sacrebleu_signature,
-    mean_length, captions_per_s} with ``setting`` = :func:`rnnlab.metrics.decode_name` (``greedy``,
+    mean_length, captions_per_s, unk_in_output (``<unk>`` tokens in the captions)}
+    with ``setting`` = :func:`rnnlab.metrics.decode_name` (``greedy``,
     ``beam3``); ``decoded[setting]`` = token lists in ``decoded["names"]`` order and, for soft
     attention, ``decoded["attention"]`` from greedy decoding. ``captions`` (the raw caption table)
     gives sacreBLEU its untokenised references (else the detokenised tokenised ones). With ``coco``,
@@ -429,6 +452,7 @@ def evaluate(
             "sacrebleu_signature": std["signature"],
             "mean_length": round(float(np.mean([len(t) for t in result.tokens])), 3),
             "captions_per_s": round(len(names) / seconds, 2),
+            "unk_in_output": sum(t.count(UNK) for t in result.tokens),
         }
         if coco:
             from rnnlab.coco_metrics import coco_caption_scores
@@ -449,6 +473,7 @@ def score(
     beam_sizes: Sequence[int] = (1, 3),
     split: str = "test",
     limit: int | None = None,
+    rules: OutputRules | None = None,
 ) -> dict:
     """Score a ``train_captioner`` model folder on ``split`` from the saved folder only.
 
@@ -464,6 +489,8 @@ def score(
             raise DataError(f"{path}: missing from the captioner model folder (run train_captioner)")
     run = read_json(folder / RUN_FILE)
     module = load(folder / MODEL_FILE)
+    if rules is not None:  # instead of the checkpoint's (benchmarks/decoding_rules.py)
+        module.rules = rules
     features_dir = Path(paths.features)
     features = load_features(features_dir / FEATURES_FILE, features_dir / INDEX_FILE)
     if features[1].get("encoder") != module.hparams.encoder:
@@ -492,12 +519,13 @@ def score(
         data,
         split,
         list(beam_sizes),
-        settings["length_penalty"],
+        None if rules is not None else settings["length_penalty"],
         settings["batch_size"],
         captions=captions,
         coco=settings.get("coco_metrics", False),
     )
-    return {**metrics, "params": run["config"]}
+    unks = sum(m["unk_in_output"] for m in metrics.values())
+    return {**metrics, "unk_in_output": unks, "params": run["config"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,7 +560,9 @@ class ImageCaptioner:
             maps = self.fast(batch)  # [images, C, 7, 7]
         return maps.permute(0, 2, 3, 1).reshape(maps.size(0), -1, maps.size(1)).half().float()
 
-    def caption(self, images: Sequence[torch.Tensor], beam_size: int = 3, length_penalty: float = 0.0) -> list[str]:
+    def caption(
+        self, images: Sequence[torch.Tensor], beam_size: int = 3, length_penalty: float | None = None
+    ) -> list[str]:
         features = self.features(images)
         result = self.module.caption(features.clone(), beam_size=beam_size, length_penalty=length_penalty)
         return result.texts(self.module.tokenizer)
@@ -543,7 +573,8 @@ def caption_images(
     image_paths: Sequence[str | Path],
     beam_size: int = 3,
     encoder_weights: str | Path | None = None,
-    length_penalty: float = 0.0,
+    length_penalty: float | None = None,
+    allow_unk: bool = False,
 ) -> list[str]:
     """Caption image files with a trained model folder (or its ``model.ckpt``); raises ImageError
     (a DataError) naming a file that is missing or not a decodable image, before any model loads.
@@ -552,7 +583,9 @@ def caption_images(
     from rnnlab.data.images import load_image
 
     images = [load_image(p) for p in image_paths]
-    return ImageCaptioner(folder, encoder_weights).caption(images, beam_size=beam_size, length_penalty=length_penalty)
+    captioner = ImageCaptioner(folder, encoder_weights)
+    captioner.module.rules = dataclasses.replace(captioner.module.rules, allow_unk=allow_unk)
+    return captioner.caption(images, beam_size=beam_size, length_penalty=length_penalty)
 
 
 def list_image_files(folder: str | Path) -> tuple[list[Path], list[Path]]:
@@ -572,7 +605,7 @@ def caption_folder(
     paths: Sequence[str | Path],
     beam_size: int = 3,
     batch_size: int = FOLDER_BATCH,
-    length_penalty: float = 0.0,
+    length_penalty: float | None = None,
 ):
     """Caption image files ``batch_size`` at a time: only one batch of decoded images is in memory.
 
@@ -640,6 +673,7 @@ def caption_folder_command(
     stdout=None,
     stderr=None,
     progress: bool = True,
+    allow_unk: bool = False,
 ) -> dict:
     """``rnnlab caption DIR --out captions.jsonl``: one JSON line ``{"image": name, "caption": text}``
     per decodable image file of ``DIR`` (sorted by name, :data:`IMAGE_SUFFIXES`), ``batch_size``
@@ -680,6 +714,7 @@ def caption_folder_command(
             file=stderr,
         )
     captioner = ImageCaptioner(resolve_model(run, TASK), encoder_weights)
+    captioner.module.rules = dataclasses.replace(captioner.module.rules, allow_unk=allow_unk)  # --allow-unk
 
     def write(out) -> dict:
         summary = _write_folder_captions(captioner, images, out, beam, batch_size, stderr, progress)
@@ -796,6 +831,10 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         alpha_c=run.alpha_c,
         max_len=run.max_len,
         encoder=run.encoder,
+        length_penalty=run.length_penalty,
+        length_norm=run.length_norm,
+        block_ngram_repeat=run.block_ngram_repeat,
+        allow_unk=run.allow_unk,
         tokenizer=data.tokenizer.to_dict(),
         vocab_fingerprint=vocab.fingerprint(),
         vocab=vocab,
@@ -828,7 +867,7 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
                 "seed": ctx.seed,
                 "eval": {
                     "beam_sizes": run.beam_sizes,
-                    "length_penalty": run.length_penalty,
+                    "length_penalty": run.length_penalty,  # decoding's other rules: the checkpoint's hparams
                     "batch_size": run.eval_batch_size,
                     "coco_metrics": run.coco_metrics,
                 },
@@ -889,6 +928,7 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         "sacrebleu": {setting: s["sacrebleu"] for setting, s in test.items()},
         **({"coco": {setting: s["coco"] for setting, s in test.items()}} if run.coco_metrics else {}),
         "captions_per_s": {setting: s["captions_per_s"] for setting, s in test.items()},
+        "unk_in_output": sum(s["unk_in_output"] for s in test.values()),  # every setting's captions together
         "params": dataclasses.asdict(run),
         "best_val_loss": details["best_val_loss"],
         "epochs": details["epochs"],

@@ -51,7 +51,7 @@ from rnnlab.data.bpe import tokenizer_from_dict
 from rnnlab.data.parallel import ParallelDataModule, TranslationBatch, pad_sequences
 from rnnlab.data.tokenize import Tokenizer
 from rnnlab.data.vocab import EOS, Vocab
-from rnnlab.decoding import DecodeResult, beam_search, greedy_decode
+from rnnlab.decoding import DecodeResult, LengthNorm, OutputRules, beam_search, greedy_decode
 from rnnlab.errors import DataError, RnnlabError, TrainingError
 from rnnlab.inference import DEFAULT_MODELS, resolve_model, resolve_model_path
 from rnnlab.io import atomic_path
@@ -116,6 +116,9 @@ class RunConfig:
     val_bleu: bool = True  # decode val greedily at each validation (needed for monitor val/bleu)
     beam_sizes: list[int] = field(default_factory=lambda: [1, 3, 5, 10])  # 1 = greedy
     length_penalty: float = 1.0  # GNMT alpha for beam search; 0 = rank by raw log-prob
+    length_norm: LengthNorm = "gnmt"  # beam ranking: gnmt (alpha above) | average | none (README "Decoding rules")
+    block_ngram_repeat: int = 3  # no n-gram twice in one output (0: off); measured, README "Decoding rules"
+    allow_unk: bool = False  # true: <unk> may be emitted (<pad>/<bos> never are)
     heatmaps: int = 4  # attention PNGs for the first N validation sentences
     max_train_pairs: int | None = None  # first N train pairs (null: all)
     max_val_pairs: int | None = None  # first N val pairs (null: all)
@@ -165,6 +168,7 @@ class RunConfig:
             self.beam_sizes,
         )
         require(self.length_penalty >= 0, f"{where}.length_penalty", "a number >= 0", self.length_penalty)
+        require(self.block_ngram_repeat >= 0, f"{where}.block_ngram_repeat", "an integer >= 0", self.block_ngram_repeat)
         require(self.heatmaps >= 0, f"{where}.heatmaps", "an integer >= 0", self.heatmaps)
         require(
             self.val_bleu or self.monitor != "val/bleu",
@@ -282,6 +286,9 @@ class TranslationTask(pl.LightningModule):
         val_bleu: bool = _D.val_bleu,
         decode_max_len: int = _D.max_len,
         length_penalty: float = _D.length_penalty,
+        length_norm: str = _D.length_norm,
+        block_ngram_repeat: int = _D.block_ngram_repeat,
+        allow_unk: bool = _D.allow_unk,
         lr_plateau_factor: float | None = _D.lr_plateau_factor,
         monitor: str = _D.monitor,
         src_vocab_fingerprint: str = "",
@@ -305,6 +312,13 @@ class TranslationTask(pl.LightningModule):
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         if src_vocab is not None or tgt_vocab is not None:
             self.attach_vocabs(src_vocab, tgt_vocab)
+        # What decoding may emit and how beams are ranked; the CLI may change it (--allow-unk).
+        self.rules = OutputRules(
+            allow_unk=hp.allow_unk,
+            block_ngram_repeat=hp.block_ngram_repeat,
+            length_norm=hp.length_norm,
+            length_penalty=hp.length_penalty,
+        )
         self._sums = [0.0, 0]
         self._val_hyps: dict[int, list[int]] = {}
         self.last_truncated = 0
@@ -325,6 +339,9 @@ class TranslationTask(pl.LightningModule):
             "teacher_forcing",
             "val_bleu",
             "length_penalty",
+            "length_norm",
+            "block_ngram_repeat",
+            "allow_unk",
             "lr_plateau_factor",
             "monitor",
         )
@@ -470,11 +487,11 @@ class TranslationTask(pl.LightningModule):
                 eos_id=Vocab.eos_id,
                 max_len=max_len,
                 return_attention=return_attention,
+                rules=self.rules,
             )
             if beam_size == 1:
                 return greedy_decode(decoder, state, **common)
-            alpha = self.hparams.length_penalty if length_penalty is None else length_penalty
-            return beam_search(decoder, state, beam_size=beam_size, length_penalty=alpha, **common)
+            return beam_search(decoder, state, beam_size=beam_size, length_penalty=length_penalty, **common)
         finally:
             self.model.train(was_training)
 
@@ -596,7 +613,8 @@ def evaluate(
     ``ppl_splits`` and free-running decoding of ``split`` at every setting of :func:`settings`.
 
     Returns the row keys (``test_loss``, ``test_ppl``, ``sacrebleu_greedy``, ``chrf_beam3``,
-    ``tok_lc_bleu_beam3``, ``sentences_per_s_beam3``, ``*_signature``) plus ``beams``: one dict
+    ``tok_lc_bleu_beam3``, ``sentences_per_s_beam3``, ``unk_in_output_beam3``, ``*_signature``;
+    ``unk_in_output``: the ``<unk>`` tokens of every setting's outputs together) plus ``beams``: one dict
     ``{beam, sacrebleu, chrf, tok_bleu, sentences_per_s}`` per setting (beam 1 = greedy), the rows of
     ``bleu_vs_beam.json``. With ``out_dir`` the hypotheses go to ``<split>_hyps_<setting>.txt``."""
     out: dict = {}
@@ -612,8 +630,16 @@ def evaluate(
         per_s = len(sources) / max(time.perf_counter() - started, 1e-9)
         hyps = [module.ids_to_text(ids) for ids in result.tokens]
         scores = score_translations(hyps, references)
-        row = {"beam": beam, **{k: round(scores[k], 2) for k in SCORES}, "sentences_per_s": round(per_s, 1)}
+        unks = sum(ids.count(Vocab.unk_id) for ids in result.tokens)
+        row = {
+            "beam": beam,
+            **{k: round(scores[k], 2) for k in SCORES},
+            "sentences_per_s": round(per_s, 1),
+            "unk_in_output": unks,
+        }
         beams.append(row)
+        out[f"unk_in_output_{decode}"] = unks
+        out["unk_in_output"] = out.get("unk_in_output", 0) + unks  # all settings' outputs together
         for key in SCORES:
             out[f"{SCORE_NAMES[key]}_{decode}"] = row[key]
         out[f"sentences_per_s_{decode}"] = row["sentences_per_s"]
@@ -725,6 +751,8 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
             "eval_wall_s": round(eval_seconds, 1),
             "train_tokens_per_s": round(history.tokens_per_second, 1),
             **{f"sentences_per_s_{d}": scores[f"sentences_per_s_{d}"] for d in decodes},
+            "unk_in_output": scores["unk_in_output"],
+            **{f"unk_in_output_{d}": scores[f"unk_in_output_{d}"] for d in decodes},
             "src_vocab_size": len(dm.src_vocab),
             "tgt_vocab_size": len(dm.tgt_vocab),
             "pairs": counts,
@@ -794,14 +822,19 @@ def load(ref: str | Path, map_location: str | torch.device = "cpu") -> Translati
 
 
 def score(
-    folder: str | Path, paths: StagePaths | str | Path, beam_sizes: Iterable[int] = (1, 5), limit: int | None = None
+    folder: str | Path,
+    paths: StagePaths | str | Path,
+    beam_sizes: Iterable[int] = (1, 5),
+    limit: int | None = None,
+    rules: OutputRules | None = None,
 ) -> dict:
     """Rescore a ``train_seq2seq`` model folder on the whole Multi30k test split (test_2016_flickr).
 
     ``folder``: the model folder, its ``model.ckpt`` or an MLflow run id; ``paths``: the stage
     paths (``paths.prepared`` = ``data/prepared``) or the prepared folder itself (``data/prepared``
     or ``data/prepared/multi30k``). ``max_len`` and ``eval_batch_size`` come from ``config.json``;
-    ``limit``: the first N test pairs only (smoke tests).
+    ``limit``: the first N test pairs only (smoke tests); ``rules``: decode under these output
+    rules instead of the checkpoint's (benchmarks/decoding_rules.py).
     Decoding and perplexity run through :func:`evaluate` exactly as at the end of training, so the
     numbers equal the training row.
 
@@ -815,6 +848,8 @@ def score(
         raise ValueError(f"beam_sizes: expected integers >= 1, got {beam_sizes}")
     model_folder, _ = model_files(folder)
     module = load(model_folder)
+    if rules is not None:
+        module.rules = rules
     config = read_json(model_folder / "config.json") if (model_folder / "config.json").is_file() else {}
     pairs = read_pairs(paths)
     if limit is not None:
@@ -839,6 +874,7 @@ def score(
             "params": module.num_parameters(),
             "test_sentences": len(dm.texts["test"]),
             "truncated_test_src": dm.truncated["test"]["src"],
+            "unk_in_output": sum(r["unk_in_output"] for r in beam_rows if r["beam"] in set(beam_sizes)),
             "beams": [
                 {"beam": r["beam"], **{SCORE_NAMES[s]: r[s] for s in SCORES}}
                 for r in beam_rows
@@ -999,6 +1035,7 @@ def translate_command(
     batch_size: int = STDIN_BATCH,
     max_beam: int | None = None,
     progress: bool = True,
+    allow_unk: bool = False,
 ) -> int:
     """``rnnlab translate``: English -> German; returns the number of sentences translated.
 
@@ -1013,7 +1050,8 @@ def translate_command(
     before the model loads; then :func:`translate_stream` translates ``batch_size`` lines at a
     time with a progress bar and the output file is written atomically (nothing is left at
     ``output_path`` when it fails); a summary line with sentences/s goes to stderr.
-    ``max_beam``: the largest beam accepted (the CLI passes :data:`rnnlab.serving.MAX_BEAM`)."""
+    ``max_beam``: the largest beam accepted (the CLI passes :data:`rnnlab.serving.MAX_BEAM`).
+    ``allow_unk`` (``--allow-unk``): let ``<unk>`` be emitted (never, by default)."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     _check_counts(beam, batch_size, max_beam)
     files = input_path is not None or output_path is not None
@@ -1025,6 +1063,7 @@ def translate_command(
     if output_path is not None:
         check_output_file(output_path, input_path)
     module = load(resolve_model(None if run is None or str(run) == DEFAULT_RUN else run, TASK))
+    module.rules = dataclasses.replace(module.rules, allow_unk=allow_unk)  # --allow-unk
     if files:
         lines = read_input_lines(input_path) if input_path is not None else stdin
         if output_path is not None:
