@@ -31,7 +31,7 @@ def prepared_ptb(tmp_path_factory, mirror) -> Path:
     from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
 
     out = tmp_path_factory.mktemp("prepared")
-    cfg = parse_prepare_config({"corpora": ["ptb"], "vocab": {}})
+    cfg = parse_prepare_config({"corpora": ["ptb"]})
     prepare_corpora(cfg, mirror, out)
     return out / "ptb"
 

@@ -16,7 +16,8 @@ from rnnlab.errors import DataError
 
 # Split names: the built-ins' (train/valid/test, Multi30k's val, Flickr8k's dev), a carve rule's
 # (train/valid/test), extra evaluation sets (eval_<name>); "none": captions of no split (counted).
-SPLIT_NAME = r"^(train|valid|val|dev|test|eval_[A-Za-z0-9_.-]+)$"
+LM_SPLITS = r"^(train|valid|test|eval_[A-Za-z0-9_.-]+)$"
+PARALLEL_SPLITS = r"^(train|val|valid|test|eval_[A-Za-z0-9_.-]+)$"
 CAPTION_SPLITS = r"^(train|valid|val|dev|test|none)$"
 
 _common = {
@@ -31,7 +32,7 @@ def _non_blank(series: pd.Series) -> pd.Series:
 
 LM_LINES = pa.DataFrameSchema(
     {
-        "split": pa.Column(str, pa.Check.str_matches(SPLIT_NAME)),
+        "split": pa.Column(str, pa.Check.str_matches(LM_SPLITS)),
         **_common,
         # Blank lines are real in WikiText (paragraph breaks, scored as <eos>), so text may be empty.
         "text": pa.Column(str, nullable=False),
@@ -42,7 +43,7 @@ LM_LINES = pa.DataFrameSchema(
 
 PARALLEL_PAIRS = pa.DataFrameSchema(
     {
-        "split": pa.Column(str, pa.Check.str_matches(SPLIT_NAME)),
+        "split": pa.Column(str, pa.Check.str_matches(PARALLEL_SPLITS)),
         **_common,
         "src": pa.Column(str, pa.Check(_non_blank, error="source sentence is empty"), nullable=False),
         "tgt": pa.Column(str, pa.Check(_non_blank, error="target sentence is empty"), nullable=False),
