@@ -33,7 +33,7 @@ REPO_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"
 
 @dataclass
 class FileSpec:
-    path: str | None = None  # local file, relative to the repository root
+    path: str | None = None  # local file (or folder, ending in '/'), relative to the repository root
     url: str | None = None  # canonical download (a mirror laid out <corpus>/<name> is tried first)
     sha256: str | None = None  # required with url; for a path, recorded in the lock when absent
     archive: Literal["zip", "tar"] | None = None  # url is an archive; take `member` from it

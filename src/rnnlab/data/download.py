@@ -232,8 +232,20 @@ def _fetch_local(
     spec: CorpusSpec, files: dict[str, FileSpec], out_dir: Path, repo_root: Path, locked: dict[str, str]
 ) -> FetchReport:
     shas, fetched, present = {}, 0, 0
+    expanded = []
     for name, f in files.items():
         where = f"corpora.{spec.name}.files.{name}"
+        if not f.path.endswith("/"):
+            expanded.append((name, f, where))
+            continue
+        folder = repo_root / f.path
+        if not folder.is_dir():
+            raise DownloadError(f"{where}.path: {folder}: no such folder (a path is relative to the repository root)")
+        for p in sorted(folder.iterdir()):  # a folder (photos): every file in it, each checked by the lock
+            if p.is_file():
+                rel = f"{name.rstrip('/')}/{p.name}"
+                expanded.append((rel, FileSpec(path=f"{f.path}{p.name}"), f"{where} ({p.name})"))
+    for name, f, where in expanded:
         src = repo_root / f.path
         if not src.is_file():
             raise DownloadError(f"{where}.path: {src}: file not found (a path is relative to the repository root)")
@@ -253,7 +265,7 @@ def _fetch_local(
             continue
         _atomic_copy(src, dst, found)
         fetched += 1
-    return FetchReport(spec.name, "local", len(files), fetched, present, shas)
+    return FetchReport(spec.name, "local", len(expanded), fetched, present, shas)
 
 
 def _fetch_from_mirror(

@@ -562,15 +562,19 @@ def evaluate(model, ids: np.ndarray, batch_size: int = 10, bptt: int = 35) -> di
     return {"loss": loss, "ppl": perplexity(loss), "bpc": bits_per_char(loss), "tokens": count}
 
 
-def score(path: str | Path, prepared_dir: Path, batch_size: int, bptt: int, limit: int | None = None) -> dict:
+def score(
+    path: str | Path, prepared_dir: Path, batch_size: int, bptt: int, limit: int | None = None, split: str | None = None
+) -> dict:
     """Score a trained LM on the test split (valid where a corpus has no test split).
 
     Neural: token-weighted over the batchified stream (``batch_size`` columns, ``bptt`` windows,
     state carried). n-gram: every position 1..len-1 of the stream (``batch_size``/``bptt`` do not
     apply); the same number train_lm reports. ``limit``: the first N tokens only (smoke tests).
+    ``split``: another prepared split (an extra evaluation set ``eval_<name>``).
     ``{split, loss, ppl, bpc, tokens}``."""
     expected = Vocab.load(Path(prepared_dir) / "vocab.json")
-    split = "test" if (Path(prepared_dir) / "test.npy").exists() else "valid"
+    if split is None:
+        split = "test" if (Path(prepared_dir) / "test.npy").exists() else "valid"
     ids = np.load(Path(prepared_dir) / f"{split}.npy")
     if limit is not None:
         ids = ids[: max(limit, batch_size * 2)]
