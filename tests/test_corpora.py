@@ -253,3 +253,42 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
     assert "eval_later" in report
     shown = pr.run(["dvc", "metrics", "show", "--json"], repo).stdout
     assert "eval_later_ppl" in shown
+
+
+def test_url_file_is_fetched_and_checked_against_its_sha256(tmp_path, mirror):
+    """A corpus from a URL (file:// here: no network) is verified; a wrong pin shows both sums."""
+    book = ptb_slice(tmp_path / "site" / "book.txt", mirror, 120)
+    sha = hashlib.sha256(book.read_bytes()).hexdigest()
+    entry = book_entry(files={"book.txt": {"url": book.as_uri(), "sha256": sha}})
+    assert prepare(entry, tmp_path)["mine"]["splits"]["train"]["lines"] == 96
+    entry["files"]["book.txt"]["sha256"] = "f" * 64
+    with pytest.raises(DownloadError, match=rf"expected sha256 {'f' * 64}, found {sha}; file removed"):
+        fetch_corpus(parse_corpora({"mine": entry})["mine"], tmp_path / "raw2", None, retries=1, progress=False)
+
+
+def test_empty_mirror_variable_means_no_mirror_for_tests_and_download(monkeypatch):
+    import pipeline_repo as pr
+
+    from rnnlab.data.download import resolve_mirror
+
+    monkeypatch.setenv("RNNLAB_MIRROR", "")
+    assert resolve_mirror("../shared/corpora") is None
+    assert pr._test_mirror() == pr.REPO / ".corpora"  # fetched by scripts/fetch_corpora.py, not the repo root
+    monkeypatch.delenv("RNNLAB_MIRROR")
+    assert pr._test_mirror() == (pr.REPO.parent / "shared" / "corpora").resolve()
+
+
+def test_fetch_script_cache_key_follows_the_checksums(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fetch_corpora.py"
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+
+    def key(path):
+        return subprocess.run(
+            [sys.executable, script, "--key", "--params", path], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    (tmp_path / "p.yaml").write_text(params.read_text().replace("fcea919f", "0cea919f"))
+    assert len(key(params)) == 32 and key(params) != key(tmp_path / "p.yaml")

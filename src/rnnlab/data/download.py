@@ -320,8 +320,11 @@ def _fetch_from_urls(
     progress: bool,
 ) -> FetchReport:
     plain = {rel: f for rel, f in files.items() if not f.is_folder}
-    has_folder = len(plain) < len(files)
-    if all(_is_verified(out_dir / rel, f.sha256) for rel, f in plain.items()) and not has_folder:
+    # A folder from an archive has no per-file checksums: one already extracted (non-empty) is kept.
+    folders_done = all(
+        (out_dir / rel).is_dir() and any((out_dir / rel).iterdir()) for rel, f in files.items() if f.is_folder
+    )
+    if all(_is_verified(out_dir / rel, f.sha256) for rel, f in plain.items()) and folders_done:
         return FetchReport(spec.name, "url", len(plain), 0, len(plain))
     by_url: dict[str, list[tuple[str, FileSpec]]] = {}
     for rel, f in files.items():
