@@ -225,8 +225,8 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
                 run["enabled"] = False
 
     pr.edit_params(repo, edit)
-    overlay = {"download": {"corpora": ["ptb", "flickr8k", "bard", "pairs"]}}
-    overlay["prepare"] = {"corpora": ["ptb", "flickr8k", "bard", "pairs"]}
+    overlay = {"download": {"corpora": ["ptb", "multi30k", "flickr8k", "bard", "pairs"]}}
+    overlay["prepare"] = {"corpora": ["ptb", "multi30k", "flickr8k", "bard", "pairs"]}
     profile = yaml.safe_load((repo / "profiles" / "tiny.yaml").read_text())
     profile["train_lm"]["runs"] = {}
     (repo / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(pr.merge(profile, overlay), sort_keys=False))
