@@ -249,8 +249,8 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
     test_row, later_row = table["lm"]["bard"]["ngram"], table["lm"]["bard"]["eval_later"]["ngram"]
     assert later_row["tokens"] > 1000 and later_row["eval_later_ppl"] > 1
     assert later_row["eval_later_ppl"] != test_row["test_ppl"]  # a different text, its own score
-    report = (repo / "data/reports/report.md").read_text()
-    assert "eval_later" in report
+    report = (repo / "data/reports/index.md").read_text()
+    assert "| bard | ngram | eval_later |" in report and "| bard | ngram | test |" in report
     shown = pr.run(["dvc", "metrics", "show", "--json"], repo).stdout
     assert "eval_later_ppl" in shown
 
