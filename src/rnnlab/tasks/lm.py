@@ -58,6 +58,19 @@ def model_names() -> list[str]:
     return sorted([*LANGUAGE_MODELS, NGRAM])
 
 
+def check_corpus(run: RunConfig, corpora: dict, where: str) -> None:
+    """Before anything trains: the run's corpus is declared in params ``corpora`` with an LM task.
+    (The raw mapping: the stage reads no corpus entry, only the data ``prepare`` wrote from it.)"""
+    lm = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") in ("lm-word", "lm-char"))
+    if run.corpus not in corpora:
+        raise ConfigError(f"{where}.corpus: unknown corpus {run.corpus!r}; language-modelling corpora: {lm}")
+    if run.corpus not in lm:
+        raise ConfigError(
+            f"{where}.corpus: {run.corpus!r} is not a language-modelling corpus (task "
+            f"{corpora[run.corpus].get('task')!r}); valid names: {lm}"
+        )
+
+
 def bind_corpus(run: RunConfig, prepared_root: Path) -> Path:
     """The run's prepared corpus folder, checked to be a language-modelling corpus; sets
     ``run.char_level`` from the tokenizer ``prepare`` used (the corpus's ``options.tokenizer``)."""
