@@ -148,8 +148,14 @@ def test_name_colliding_with_a_built_in_is_an_error(tmp_path):
 
 
 def test_lm_run_on_a_parallel_corpus_fails_before_training(tmp_path):
+    from rnnlab.stages.train import parse_runs
     from rnnlab.tasks.lm import bind_corpus, parse_run
 
+    params = {"corpora": yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["corpora"]}
+    params["train_lm"] = {"defaults": {}, "runs": {"x": {"corpus": "multi30k", "model": "lstm"}}}
+    with pytest.raises(ConfigError, match=r"train_lm.runs.x.corpus: 'multi30k' is not a language-modelling corpus"):
+        parse_runs(params, "train_lm")
+    # and where params are not at hand: the prepared data decides
     (tmp_path / "multi30k").mkdir()
     run = parse_run({"corpus": "multi30k", "model": "lstm"}, "train_lm.runs.x")
     with pytest.raises(ConfigError, match=r"'multi30k': no prepared language-modelling corpus"):
