@@ -13,8 +13,9 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--lock", type=Path, default=None, help="sha256 of local corpus files (checked, then recorded)")
     args = ap.parse_args()
-    download_stage(load_params(args.params), args.out, args.metrics)
+    download_stage(load_params(args.params), args.out, args.metrics, args.lock)
 
 
 if __name__ == "__main__":

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
+from pipeline_repo import MIRROR  # one rule for where the corpora are
 
 REPO = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("RNNLAB_MIRROR", REPO.parent / "shared" / "corpora")).resolve()
 
 
 def pytest_configure(config):
     if not (MIRROR / "ptb" / "ptb.train.txt").is_file():
         raise pytest.UsageError(
-            f"the corpora mirror is missing at {MIRROR}; tests run on the real corpora "
-            "(set RNNLAB_MIRROR=/path/to/shared/corpora)"
+            f"the corpora are missing at {MIRROR}; tests run on the real corpora (set "
+            "RNNLAB_MIRROR=/path/to/shared/corpora, or run `python scripts/fetch_corpora.py` to fetch "
+            "them from their canonical URLs into .corpora, which an empty RNNLAB_MIRROR selects)"
         )
 
 
@@ -31,7 +31,7 @@ def prepared_ptb(tmp_path_factory, mirror) -> Path:
     from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
 
     out = tmp_path_factory.mktemp("prepared")
-    cfg = parse_prepare_config({"corpora": ["ptb"], "vocab": {}})
+    cfg = parse_prepare_config({"corpora": ["ptb"]})
     prepare_corpora(cfg, mirror, out)
     return out / "ptb"
 

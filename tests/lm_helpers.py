@@ -9,8 +9,11 @@ from rnnlab.tasks.base import StagePaths
 
 
 def lm_params(runs: dict, seed: int = 7, trainer: dict | None = None, defaults: dict | None = None) -> dict:
+    from rnnlab.config import read_yaml
+
     return {
         "seed": seed,
+        "corpora": read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")["corpora"],  # the declared ones
         "tracking": {"enabled": False},
         "trainer": {"num_threads": 1, **(trainer or {})},
         "train_lm": {"defaults": defaults or {}, "runs": runs},

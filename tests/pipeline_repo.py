@@ -21,7 +21,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
-MIRROR = Path(os.environ.get("RNNLAB_MIRROR", REPO.parent / "shared" / "corpora")).resolve()
+
+
+def _test_mirror() -> Path:
+    """The corpora the tests read: ``$RNNLAB_MIRROR``, else ../shared/corpora. An empty
+    ``RNNLAB_MIRROR`` means "no mirror", as for ``download.resolve_mirror``: the corpora then come
+    from their canonical URLs, fetched once into ``.corpora`` by scripts/fetch_corpora.py."""
+    value = os.environ.get("RNNLAB_MIRROR")
+    if value is None:
+        return (REPO.parent / "shared" / "corpora").resolve()
+    return Path(value).expanduser().resolve() if value else REPO / ".corpora"
+
+
+MIRROR = _test_mirror()
 RUN_DIR = "data/checkpoints/train_lm/ptb-lstm"  # the tiny profile's resume folder
 
 

@@ -24,7 +24,6 @@ def _lm(**run):
         ({"hidden_size": "big"}, r"train_lm.runs.r.hidden_size: expected an integer, got 'big'"),
         ({"hiden_size": 3}, r"train_lm.runs.r.hiden_size: unknown key"),
         ({"model": "transformer"}, r"unknown model 'transformer'; valid names: \[.*'lstm'"),
-        ({"corpus": "multi30k"}, r"'multi30k' is not a language-modelling corpus"),
         ({"optimizer": "rmsprop"}, r"optimizer: expected one of \['sgd', 'adam', 'adamw'\]"),
         ({"name": "x"}, r"train_lm.runs.r.name: a run is named by its key"),
     ],
@@ -105,6 +104,7 @@ def test_profile_errors_name_the_file_and_key(tmp_path):
 @pytest.mark.parametrize("profile", ["cpu", "full", "tiny"])
 def test_repository_params_file_is_valid(profile, tmp_path):
     """The shipped params.yaml parses with every stage's schema, in every profile."""
+    from rnnlab.data.corpora import load_corpora
     from rnnlab.data.prepare import parse_prepare_config
     from rnnlab.stages.evaluate import parse_evaluate_config
     from rnnlab.stages.features import parse_features_config
@@ -113,6 +113,9 @@ def test_repository_params_file_is_valid(profile, tmp_path):
     params = load_params(_profile_copy(tmp_path, profile))
     parse_section(DownloadConfig, params["download"], "download")
     parse_prepare_config(params["prepare"])
+    corpora = load_corpora(params)
+    assert sorted(corpora) == ["flickr8k", "multi30k", "ptb", "tinyshakespeare", "wikitext2"]
+    assert corpora["ptb"].options.max_size == (2000 if profile == "tiny" else None)  # a profile's options
     parse_evaluate_config(params)
     parse_study_config(params["study"])
     parse_features_config(params)

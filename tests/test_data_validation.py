@@ -98,18 +98,27 @@ def test_flickr8k_quirky_caption_id_is_counted_not_lost(mirror):
 
 
 def test_prepare_fails_on_bad_caption_rows_when_asked(tmp_path, mirror):
-    cfg = parse_prepare_config({"corpora": ["flickr8k"], "vocab": {}, "on_bad_rows": "fail"})
+    cfg = parse_prepare_config({"corpora": ["flickr8k"], "on_bad_rows": "fail"})
     with pytest.raises(DataError, match=r"Flickr8k.token.txt line \d+: caption id '2258277193_586949ec62.jpg.1'"):
         prepare_corpora(cfg, mirror, tmp_path)
 
 
-def test_prepare_config_rejects_unknown_corpus_and_key():
-    with pytest.raises(ConfigError, match="unknown corpus 'ptbx'; valid names"):
-        parse_prepare_config({"corpora": ["ptbx"], "vocab": {}})
-    with pytest.raises(ConfigError, match=r"prepare.vocab.ptb.min_frq: unknown key"):
-        parse_prepare_config({"corpora": ["ptb"], "vocab": {"ptb": {"min_frq": 2}}})
-    with pytest.raises(ConfigError, match=r"prepare.vocab.ptb.min_freq: expected an integer >= 1, got 0"):
-        parse_prepare_config({"corpora": ["ptb"], "vocab": {"ptb": {"min_freq": 0}}})
+def test_prepare_config_rejects_unknown_corpus_and_key(tmp_path):
+    from rnnlab.data.corpora import parse_corpora, repo_corpora
+
+    with pytest.raises(ConfigError, match=r"prepare.corpora\[0\]: unknown corpus 'ptbx'; declared in params.yaml"):
+        prepare_corpora(parse_prepare_config({"corpora": ["ptbx"]}), tmp_path, tmp_path, repo_corpora())
+    with pytest.raises(ConfigError, match=r"prepare.vocab: unknown key"):
+        parse_prepare_config({"corpora": ["ptb"], "vocab": {"ptb": {"min_freq": 2}}})
+    entry = {
+        "task": "lm-word",
+        "files": {"a.txt": {"path": "a.txt"}},
+        "carve": {"file": "a.txt", "by": "lines", "valid": 0.1},
+    }
+    with pytest.raises(ConfigError, match=r"corpora.mine.options.min_frq: unknown key"):
+        parse_corpora({"mine": {**entry, "options": {"min_frq": 2}}})
+    with pytest.raises(ConfigError, match=r"corpora.mine.options.min_freq: expected an integer >= 1, got 0"):
+        parse_corpora({"mine": {**entry, "options": {"min_freq": 0}}})
 
 
 def test_prepared_ptb_matches_published_counts(prepared_ptb):

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 from rnnlab.data import download
+from rnnlab.data.corpora import repo_corpora
 from rnnlab.data.download import fetch_corpus, safe_extract, sha256_file
-from rnnlab.data.registry import CORPORA
 from rnnlab.errors import DownloadError
 
 
 def test_mirror_copy_is_verified_and_idempotent(tmp_path, mirror):
     report = fetch_corpus("ptb", tmp_path, mirror, progress=False)
     assert (report.origin, report.files, report.fetched) == ("mirror", 3, 3)
-    for rel, sha in CORPORA["ptb"].files.items():
-        assert sha256_file(tmp_path / "ptb" / rel) == sha
+    for rel, f in repo_corpora()["ptb"].files.items():
+        assert sha256_file(tmp_path / "ptb" / rel) == f.sha256
     again = fetch_corpus("ptb", tmp_path, mirror, progress=False)
     assert (again.fetched, again.already_present) == (0, 3)
 
@@ -45,7 +45,7 @@ def test_offline_without_mirror_names_corpus_url_and_fix(tmp_path, monkeypatch):
         fetch_corpus("tinyshakespeare", tmp_path, None, retries=2, progress=False)
     msg = str(info.value)
     assert "corpus tinyshakespeare" in msg
-    assert CORPORA["tinyshakespeare"].sources[0].url in msg
+    assert repo_corpora()["tinyshakespeare"].files["input.txt"].url in msg
     assert "RNNLAB_MIRROR" in msg and "download.mirror" in msg
     assert not any(tmp_path.rglob("*.part"))
 

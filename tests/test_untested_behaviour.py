@@ -164,9 +164,9 @@ def test_monitor_val_bleu_keeps_the_best_bleu_epoch_and_stops_early(s2s, mirror)
 @pytest.fixture(scope="module")
 def char_lm(tmp_path_factory, mirror):
     out = tmp_path_factory.mktemp("char-lm")
-    metrics = prepare_corpora(
-        parse_prepare_config({"corpora": ["tinyshakespeare"], "vocab": {}}), mirror, out / "prepared"
-    )["tinyshakespeare"]
+    metrics = prepare_corpora(parse_prepare_config({"corpora": ["tinyshakespeare"]}), mirror, out / "prepared")[
+        "tinyshakespeare"
+    ]
     row = train_lm_run(
         out / "prepared" / "tinyshakespeare",
         out,
@@ -241,9 +241,7 @@ def test_wikitext2_prepare_has_the_published_counts(tmp_path, mirror):
     raw = mirror / "wikitext2"
     expected = {"train": (36_718, 2_088_628), "valid": (3_760, 217_646), "test": (4_358, 245_569)}
     assert manifest_counts(raw / "MANIFEST.md") == expected
-    metrics = prepare_corpora(parse_prepare_config({"corpora": ["wikitext2"], "vocab": {}}), mirror, tmp_path)[
-        "wikitext2"
-    ]
+    metrics = prepare_corpora(parse_prepare_config({"corpora": ["wikitext2"]}), mirror, tmp_path)["wikitext2"]
     folder = tmp_path / "wikitext2"
     vocab = json.loads((folder / "vocab.json").read_text())["itos"]
     train_words = set((raw / "wiki.train.tokens").read_text(encoding="utf-8").split())

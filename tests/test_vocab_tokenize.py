@@ -51,9 +51,9 @@ def test_prepared_lm_vocab_maps_a_valid_only_word_to_unk(tmp_path, mirror):
     train_words = {w for line in lines["train"] for w in line.split()}
     valid_tokens = [w for line in lines["valid"] for w in (*line.split(), "<eos>")]
     assert "sotheby" not in train_words and valid_tokens.count("sotheby") == 10
-    metrics = prepare_corpora(
-        parse_prepare_config({"corpora": ["ptb"], "vocab": {}}), tmp_path / "raw", tmp_path / "prepared"
-    )["ptb"]
+    metrics = prepare_corpora(parse_prepare_config({"corpora": ["ptb"]}), tmp_path / "raw", tmp_path / "prepared")[
+        "ptb"
+    ]
     vocab = Vocab.load(tmp_path / "prepared" / "ptb" / "vocab.json")
     assert set(vocab.itos[4:]) == train_words - {"<unk>"} and "sotheby" not in vocab
     valid = np.load(tmp_path / "prepared" / "ptb" / "valid.npy")
@@ -67,10 +67,15 @@ def test_prepared_lm_vocab_maps_a_valid_only_word_to_unk(tmp_path, mirror):
 @pytest.fixture(scope="module")
 def prepared_multi30k(tmp_path_factory, mirror):
     """Multi30k prepared by the real prepare code: (output folder, prepare metrics)."""
+    import dataclasses
+
+    from rnnlab.data.corpora import repo_corpora
     from rnnlab.data.prepare import parse_prepare_config, prepare_corpora
 
     out = tmp_path_factory.mktemp("prepared-multi30k")
-    metrics = prepare_corpora(parse_prepare_config({"corpora": ["multi30k"], "vocab": {}}), mirror, out)
+    spec = repo_corpora()["multi30k"]
+    spec = dataclasses.replace(spec, options=dataclasses.replace(spec.options, min_freq=1))  # every train word
+    metrics = prepare_corpora(parse_prepare_config({"corpora": ["multi30k"]}), mirror, out, {"multi30k": spec})
     return out / "multi30k", metrics["multi30k"]
 
 

@@ -25,13 +25,30 @@ PROFILES_DIR = "profiles"  # beside params.yaml: one overlay file per named prof
 BASE_PROFILE = "cpu"  # params.yaml itself; its overlay file is empty
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML itself
+    keeps the last one silently: a second ``ptb:`` under ``corpora`` would replace the built-in)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name} line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                    f"(first given at line {seen[key] + 1}); a name (a corpus, a run) must be unique"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str = "params file") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: {what} not found (run from the repository root)")
     with path.open(encoding="utf-8") as fh:
         try:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -70,6 +87,8 @@ def merge_overlay(base: Any, overlay: Any, where: str) -> Any:
         return overlay
     out = dict(base)
     for key, value in overlay.items():
+        if key == "corpora" and where.endswith(".yaml"):
+            _check_corpora_overlay(base.get("corpora"), value, where)
         if key == "runs" and isinstance(base.get("runs"), dict) and isinstance(value, dict):
             unknown = sorted(set(value) - set(base["runs"]))
             if unknown:
@@ -79,6 +98,22 @@ def merge_overlay(base: Any, overlay: Any, where: str) -> Any:
                 )
         out[key] = merge_overlay(base[key], value, f"{where}: {key}") if key in base else value
     return out
+
+
+def _check_corpora_overlay(base: Any, overlay: Any, where: str) -> None:
+    """A profile may change a declared corpus's ``options`` (vocabulary limits...), nothing else:
+    its files and splits are what ``download``/``prepare`` fetched and checked."""
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{where}: corpora: expected a mapping of corpus -> {{options: ...}}, got {overlay!r}")
+    for name, entry in overlay.items():
+        if not isinstance(base, dict) or name not in base:
+            raise ConfigError(
+                f"{where}: corpora.{name}: a profile can only change corpora that params.yaml declares; "
+                f"declared: {sorted(base or {})}"
+            )
+        if not isinstance(entry, dict) or set(entry) - {"options"}:
+            bad = sorted(set(entry) - {"options"}) if isinstance(entry, dict) else entry
+            raise ConfigError(f"{where}: corpora.{name}: a profile may override `options` only, got {bad}")
 
 
 def section(params: dict, key: str) -> Any:

@@ -1,1 +1,1 @@
-"""Data: corpus registry and download, readers, pandera schemas, tokenizers, vocabularies, datasets."""
+"""Data: corpora (declared in params.yaml) and their download, readers, schemas, tokenizers, vocabularies."""

@@ -19,12 +19,12 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from rnnlab.data.registry import Corpus, Source, get_corpus
+from rnnlab.data.corpora import CorpusSpec, FileSpec
 from rnnlab.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -179,87 +179,198 @@ def _read_file_manifest(path: Path) -> dict[str, str]:
 @dataclass
 class FetchReport:
     corpus: str
-    origin: str  # "mirror" or "url"
+    origin: str  # "mirror", "url" or "local" (every file from a local path)
     files: int
     fetched: int
     already_present: int
+    local_sha256: dict[str, str] = field(default_factory=dict)  # name -> sha256 of files from a `path`
+
+
+def _spec(corpus: str | CorpusSpec) -> CorpusSpec:
+    if isinstance(corpus, CorpusSpec):
+        return corpus
+    from rnnlab.data.corpora import get, repo_corpora
+
+    return get(repo_corpora(), corpus, "download.corpora")
 
 
 def fetch_corpus(
-    name: str, out_root: Path, mirror: Path | None, retries: int = 3, timeout_s: float = 60.0, progress: bool = True
+    corpus: str | CorpusSpec,
+    out_root: Path,
+    mirror: Path | None,
+    retries: int = 3,
+    timeout_s: float = 60.0,
+    progress: bool = True,
+    repo_root: Path = Path("."),
+    locked: dict[str, str] | None = None,
 ) -> FetchReport:
-    corpus = get_corpus(name)
-    out_dir = Path(out_root) / corpus.name
+    """Fetch one declared corpus into ``out_root/<name>``: local ``path`` files from the repository
+    (checked against ``locked``, the sha256 recorded by an earlier run), URL files from the mirror
+    when it has ``<name>/``, else from their URLs; every file with a sha256 verified."""
+    spec = _spec(corpus)
+    out_dir = Path(out_root) / spec.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    if mirror is not None and (mirror / corpus.name).is_dir():
-        return _fetch_from_mirror(corpus, mirror / corpus.name, out_dir, progress)
-    if mirror is not None:
-        log.warning("mirror %s has no %s/; trying the canonical URLs", mirror, corpus.name)
-    return _fetch_from_urls(corpus, out_dir, mirror, retries, timeout_s, progress)
+    local = {n: f for n, f in spec.files.items() if f.path is not None}
+    remote = {n: f for n, f in spec.files.items() if f.url is not None}
+    local_report = _fetch_local(spec, local, out_dir, Path(repo_root), locked or {})
+    if not remote:
+        return local_report
+    if mirror is not None and (mirror / spec.name).is_dir():
+        r = _fetch_from_mirror(spec, remote, mirror / spec.name, out_dir, progress)
+    else:
+        if mirror is not None:
+            log.warning("mirror %s has no %s/; trying the canonical URLs", mirror, spec.name)
+        r = _fetch_from_urls(spec, remote, out_dir, mirror, retries, timeout_s, progress)
+    r.files += local_report.files
+    r.fetched += local_report.fetched
+    r.already_present += local_report.already_present
+    r.local_sha256 = local_report.local_sha256
+    return r
 
 
-def _fetch_from_mirror(corpus: Corpus, src_dir: Path, out_dir: Path, progress: bool) -> FetchReport:
-    wanted: dict[str, str | None] = dict(corpus.files)
-    if corpus.file_manifest:
-        wanted[corpus.file_manifest] = corpus.extra["file_manifest_sha256"]
-    fetched = present = 0
-    for rel, sha in wanted.items():
-        src, dst = src_dir / rel, out_dir / rel
+def _fetch_local(
+    spec: CorpusSpec, files: dict[str, FileSpec], out_dir: Path, repo_root: Path, locked: dict[str, str]
+) -> FetchReport:
+    shas, fetched, present = {}, 0, 0
+    expanded = []
+    for name, f in files.items():
+        where = f"corpora.{spec.name}.files.{name}"
+        if not f.path.endswith("/"):
+            expanded.append((name, f, where))
+            continue
+        folder = repo_root / f.path
+        if not folder.is_dir():
+            raise DownloadError(f"{where}.path: {folder}: no such folder (a path is relative to the repository root)")
+        for p in sorted(folder.iterdir()):  # a folder (photos): every file in it, each checked by the lock
+            if p.is_file():
+                rel = f"{name.rstrip('/')}/{p.name}"
+                expanded.append((rel, FileSpec(path=f"{f.path}{p.name}"), f"{where} ({p.name})"))
+    for name, f, where in expanded:
+        src = repo_root / f.path
         if not src.is_file():
-            raise DownloadError(f"mirror {src_dir}: file {rel} of corpus {corpus.name} is missing")
-        if _is_verified(dst, sha):
+            raise DownloadError(f"{where}.path: {src}: file not found (a path is relative to the repository root)")
+        if not os.access(src, os.R_OK):
+            raise DownloadError(f"{where}.path: {src}: file not readable")
+        found = sha256_file(src)
+        for expected, what in ((f.sha256, "params.yaml"), (locked.get(name), "data/corpora.lock.json")):
+            if expected is not None and expected != found:
+                raise DownloadError(
+                    f"{where}: {src} changed: expected sha256 {expected} (recorded in {what}), found {found}. "
+                    f"If the change is intended, update {where}.sha256 or delete the entry from {what}"
+                )
+        shas[name] = found
+        dst = out_dir / name
+        if _is_verified(dst, found):
             present += 1
             continue
-        _atomic_copy(src, dst, sha)
+        _atomic_copy(src, dst, found)
         fetched += 1
-    if corpus.file_manifest:
-        manifest = _read_file_manifest(out_dir / corpus.file_manifest)
-        for fname, sha in tqdm(sorted(manifest.items()), desc=f"{corpus.name} files", disable=not progress):
-            rel = f"{corpus.manifest_dir}/{fname}"
-            src, dst = src_dir / rel, out_dir / rel
+    return FetchReport(spec.name, "local", len(expanded), fetched, present, shas)
+
+
+def _fetch_from_mirror(
+    spec: CorpusSpec, files: dict[str, FileSpec], src_dir: Path, out_dir: Path, progress: bool
+) -> FetchReport:
+    fetched = present = total = 0
+    for rel, f in files.items():
+        if f.is_folder:
+            continue
+        total += 1
+        src, dst = src_dir / rel, out_dir / rel
+        if not src.is_file():
+            raise DownloadError(f"mirror {src_dir}: file {rel} of corpus {spec.name} is missing")
+        if _is_verified(dst, f.sha256):
+            present += 1
+            continue
+        _atomic_copy(src, dst, f.sha256)
+        fetched += 1
+    for rel, f in files.items():
+        if not f.is_folder:
+            continue
+        folder = rel.rstrip("/")
+        if f.manifest and (src_dir / f.manifest).is_file():
+            if not _is_verified(out_dir / f.manifest, f.manifest_sha256):
+                _atomic_copy(src_dir / f.manifest, out_dir / f.manifest, f.manifest_sha256)
+            listed = sorted(_read_file_manifest(out_dir / f.manifest).items())
+        else:
+            # A mirror made from the canonical archive (scripts/fetch_corpora.py) has no manifest:
+            # its files are taken as they are and validated by decoding in prepare, as from the URL.
+            log.warning("mirror %s: no manifest for %s/; copying it unverified", src_dir, folder)
+            listed = sorted((p.name, None) for p in (src_dir / folder).iterdir() if p.is_file())
+        for fname, sha in tqdm(listed, desc=f"{spec.name} files", disable=not progress):
+            src, dst = src_dir / folder / fname, out_dir / folder / fname
+            total += 1
             if not src.is_file():
-                raise DownloadError(f"mirror {src_dir}: {rel} listed in {corpus.file_manifest} is missing")
+                raise DownloadError(f"mirror {src_dir}: {folder}/{fname} listed in {f.manifest} is missing")
             if _is_verified(dst, sha):
                 present += 1
                 continue
             _atomic_copy(src, dst, sha)
             fetched += 1
-        wanted.update({f"{corpus.manifest_dir}/{f}": s for f, s in manifest.items()})
-    return FetchReport(corpus.name, "mirror", len(wanted), fetched, present)
+    return FetchReport(spec.name, "mirror", total, fetched, present)
 
 
 def _fetch_from_urls(
-    corpus: Corpus, out_dir: Path, mirror: Path | None, retries: int, timeout_s: float, progress: bool
+    spec: CorpusSpec,
+    files: dict[str, FileSpec],
+    out_dir: Path,
+    mirror: Path | None,
+    retries: int,
+    timeout_s: float,
+    progress: bool,
 ) -> FetchReport:
-    if all(_is_verified(out_dir / rel, sha) for rel, sha in corpus.files.items()) and not corpus.manifest_dir:
-        return FetchReport(corpus.name, "url", len(corpus.files), 0, len(corpus.files))
+    plain = {rel: f for rel, f in files.items() if not f.is_folder}
+    # A folder from an archive has no per-file checksums: one already extracted (non-empty) is kept.
+    folders_done = all(
+        (out_dir / rel).is_dir() and any((out_dir / rel).iterdir()) for rel, f in files.items() if f.is_folder
+    )
+    if all(_is_verified(out_dir / rel, f.sha256) for rel, f in plain.items()) and folders_done:
+        return FetchReport(spec.name, "url", len(plain), 0, len(plain))
+    by_url: dict[str, list[tuple[str, FileSpec]]] = {}
+    for rel, f in files.items():
+        by_url.setdefault(f.url, []).append((rel, f))
     fetched = 0
-    with tempfile.TemporaryDirectory(prefix=f"rnnlab-{corpus.name}-") as tmp:
-        for source in corpus.sources:
+    with tempfile.TemporaryDirectory(prefix=f"rnnlab-{spec.name}-") as tmp:
+        for url, entries in by_url.items():
             try:
-                fetched += _fetch_source(source, out_dir, Path(tmp), retries, timeout_s, progress)
+                fetched += _fetch_source(url, entries, out_dir, Path(tmp), retries, timeout_s, progress)
             except DownloadError as exc:
-                where = f"mirror {mirror} has no {corpus.name}/" if mirror else "no mirror is set"
+                where = f"mirror {mirror} has no {spec.name}/" if mirror else "no mirror is set"
                 raise DownloadError(
-                    f"corpus {corpus.name}: {exc}. Offline? ({where}) Point a mirror laid out as "
-                    f"<mirror>/{corpus.name}/<file> with params download.mirror or {MIRROR_ENV}=/path/to/corpora"
+                    f"corpus {spec.name}: {exc}. Offline? ({where}) Point a mirror laid out as "
+                    f"<mirror>/{spec.name}/<file> with params download.mirror or {MIRROR_ENV}=/path/to/corpora"
                 ) from exc
-    for rel, sha in corpus.files.items():
+    for rel, f in plain.items():
         path = out_dir / rel
         if not path.is_file():
-            raise DownloadError(f"corpus {corpus.name}: {rel} missing after download")
+            raise DownloadError(f"corpus {spec.name}: {rel} missing after download")
         actual = sha256_file(path)
-        if actual != sha:
+        if actual != f.sha256:
             path.unlink()
-            raise DownloadError(f"corpus {corpus.name}: {rel}: expected sha256 {sha}, got {actual}; file removed")
-    return FetchReport(corpus.name, "url", len(corpus.files), fetched, 0)
+            raise DownloadError(
+                f"corpora.{spec.name}.files.{rel}: downloaded from {f.url}: expected sha256 {f.sha256}, "
+                f"found {actual}; file removed"
+            )
+    return FetchReport(spec.name, "url", len(plain), fetched, 0)
 
 
-def _fetch_source(source: Source, out_dir: Path, tmp: Path, retries: int, timeout_s: float, progress: bool) -> int:
-    if source.kind == "file":
-        (rel,) = source.members.values()
-        download_url(source.url, out_dir / rel, retries=retries, timeout_s=timeout_s, progress=progress)
-        return 1
-    archive = tmp / Path(source.url).name
-    download_url(source.url, archive, retries=retries, timeout_s=timeout_s, progress=progress)
-    return len(safe_extract(archive, source.kind, source.members, out_dir))
+def _fetch_source(
+    url: str,
+    entries: list[tuple[str, FileSpec]],
+    out_dir: Path,
+    tmp: Path,
+    retries: int,
+    timeout_s: float,
+    progress: bool,
+) -> int:
+    kinds = {f.archive for _, f in entries}
+    if kinds == {None}:
+        for rel, _ in entries:
+            download_url(url, out_dir / rel, retries=retries, timeout_s=timeout_s, progress=progress)
+        return len(entries)
+    if len(kinds) != 1:
+        raise DownloadError(f"{url}: declared both as an archive and as a plain file")
+    archive = tmp / Path(url).name
+    download_url(url, archive, retries=retries, timeout_s=timeout_s, progress=progress)
+    members = {f.member: rel for rel, f in entries}
+    return len(safe_extract(archive, kinds.pop(), members, out_dir))

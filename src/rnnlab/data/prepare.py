@@ -12,15 +12,15 @@ Outputs per corpus under ``data/prepared/<corpus>/``:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from rnnlab.config import parse_section, require
+from rnnlab.config import parse_section
 from rnnlab.data import readers, schemas
-from rnnlab.data.registry import get_corpus
+from rnnlab.data.corpora import CorpusSpec, get, repo_corpora
 from rnnlab.data.tokenize import CharTokenizer, Tokenizer, WhitespaceTokenizer, WordTokenizer
 from rnnlab.data.vocab import UNK, Vocab
 from rnnlab.errors import DataError
@@ -30,49 +30,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class VocabConfig:
-    min_freq: int = 1
-    max_size: int | None = None
-
-    def validate(self, where: str) -> None:
-        require(self.min_freq >= 1, f"{where}.min_freq", "an integer >= 1", self.min_freq)
-        require(self.max_size is None or self.max_size > 4, f"{where}.max_size", "null or > 4", self.max_size)
-
-
-@dataclass
 class PrepareConfig:
     corpora: list[str]
-    vocab: dict[str, VocabConfig]
-    char_train_fraction: float = 0.9
     # Caption rows whose image is missing/undecodable: "drop" (counted in metrics) or "fail".
     on_bad_rows: Literal["drop", "fail"] = "drop"
-    vocab_defaults: VocabConfig = field(default_factory=VocabConfig)
-
-    def validate(self, where: str) -> None:
-        for name in self.corpora:
-            get_corpus(name)
-        require(
-            0 < self.char_train_fraction < 1,
-            f"{where}.char_train_fraction",
-            "a number in (0, 1)",
-            self.char_train_fraction,
-        )
-
-    def vocab_for(self, corpus: str) -> VocabConfig:
-        return self.vocab.get(corpus, self.vocab_defaults)
 
 
 def parse_prepare_config(data: dict) -> PrepareConfig:
     return parse_section(PrepareConfig, data, "prepare")
 
 
-def tokenizer_for(corpus: str) -> Tokenizer:
-    task = get_corpus(corpus).task
-    if task == "lm-word":
+def tokenizer_for(spec: CorpusSpec) -> Tokenizer:
+    opts = spec.options
+    if opts.tokenizer == "whitespace":
         return WhitespaceTokenizer()  # PTB / WikiText-2 ship tokenized
-    if task == "lm-char":
+    if opts.tokenizer == "char":
         return CharTokenizer()
-    return WordTokenizer(lowercase=True)
+    return WordTokenizer(lowercase=opts.lowercase)
 
 
 def _split_stats(ids: np.ndarray, tokens_total: int, oov: int, vocab: Vocab, lines: int) -> dict:
@@ -84,15 +58,12 @@ def _split_stats(ids: np.ndarray, tokens_total: int, oov: int, vocab: Vocab, lin
     }
 
 
-def prepare_lm(corpus: str, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
-    task = get_corpus(corpus).task
-    if task == "lm-char":
-        table = readers.read_char_corpus(raw_dir, train_fraction=cfg.char_train_fraction)
-    else:
-        table = readers.read_lm_corpus(corpus, raw_dir)
-    table = schemas.validate(table, schemas.LM_LINES, f"{corpus} lines")
-    tok = tokenizer_for(corpus)
-    vcfg = cfg.vocab_for(corpus)
+def prepare_lm(spec: CorpusSpec, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
+    """Extra evaluation sets become ``eval_<name>.npy`` (encoded with the train vocabulary)."""
+    corpus, task = spec.name, spec.task
+    table = schemas.validate(readers.read_lm(spec, raw_dir), schemas.LM_LINES, f"{corpus} lines")
+    tok = tokenizer_for(spec)
+    vcfg = spec.options
     splits = {s: g for s, g in table.groupby("split", sort=False)}
     if task == "lm-char":
         streams = {s: tok.tokenize("\n".join(g["text"])) for s, g in splits.items()}
@@ -114,10 +85,12 @@ def prepare_lm(corpus: str, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) ->
     return {"vocab_size": len(vocab), "dropped": {}, "splits": metrics}
 
 
-def prepare_parallel(corpus: str, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
-    table = schemas.validate(readers.read_parallel_corpus(raw_dir), schemas.PARALLEL_PAIRS, f"{corpus} pairs")
-    tok = tokenizer_for(corpus)
-    vcfg = cfg.vocab_for(corpus)
+def prepare_parallel(spec: CorpusSpec, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
+    corpus = spec.name
+    pairs = readers.read_parallel(raw_dir, spec.splits, spec.carve, f"corpora.{corpus}")
+    table = schemas.validate(pairs, schemas.PARALLEL_PAIRS, f"{corpus} pairs")
+    tok = tokenizer_for(spec)
+    vcfg = spec.options
     train = table[table.split == "train"]
     vocabs = {
         side: Vocab.build((tok.tokenize(t) for t in train[side]), vcfg.min_freq, vcfg.max_size)
@@ -144,9 +117,14 @@ def prepare_parallel(corpus: str, raw_dir: Path, out_dir: Path, cfg: PrepareConf
     }
 
 
-def prepare_captions(corpus: str, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
-    image_dir = raw_dir / "images"
-    table, rejected = readers.read_captions(raw_dir, image_dir)
+def prepare_captions(spec: CorpusSpec, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
+    corpus = spec.name
+    image_dir = raw_dir / spec.captions.images
+    flickr8k = spec.captions.format == "flickr8k"
+    if flickr8k:
+        table, rejected = readers.read_captions(raw_dir, image_dir, spec.splits, spec.captions.file)
+    else:
+        table, rejected = readers.read_caption_files(spec, raw_dir)
     if len(rejected) and cfg.on_bad_rows == "fail":
         first = rejected.iloc[0]
         raise DataError(
@@ -154,10 +132,11 @@ def prepare_captions(corpus: str, raw_dir: Path, out_dir: Path, cfg: PrepareConf
             f"({len(rejected)} such rows; set prepare.on_bad_rows: drop to drop and count them)"
         )
     for reason, n in rejected.groupby("reason").size().items():
-        log.warning("flickr8k: dropping %d caption rows: %s", n, reason)
-    table = schemas.validate(table, schemas.caption_schema(image_dir), f"{corpus} captions")
-    tok = tokenizer_for(corpus)
-    vcfg = cfg.vocab_for(corpus)
+        log.warning("%s: dropping %d caption rows: %s", corpus, n, reason)
+    schema = schemas.caption_schema(image_dir, any_image_type=not flickr8k)
+    table = schemas.validate(table, schema, f"{corpus} captions")
+    tok = tokenizer_for(spec)
+    vcfg = spec.options
     vocab = Vocab.build((tok.tokenize(c) for c in table[table.split == "train"].caption), vcfg.min_freq, vcfg.max_size)
     metrics = {}
     for split, group in table.groupby("split", sort=False):
@@ -181,18 +160,23 @@ def prepare_captions(corpus: str, raw_dir: Path, out_dir: Path, cfg: PrepareConf
 PREPARERS = {
     "lm-word": prepare_lm,
     "lm-char": prepare_lm,
-    "translation": prepare_parallel,
-    "captioning": prepare_captions,
+    "parallel": prepare_parallel,
+    "captions": prepare_captions,
 }
 
 
-def prepare_corpora(cfg: PrepareConfig, raw_root: Path, out_root: Path) -> dict:
-    """Prepare every configured corpus; return the metrics for ``data/metrics/prepare.json``."""
+def prepare_corpora(
+    cfg: PrepareConfig, raw_root: Path, out_root: Path, specs: dict[str, CorpusSpec] | None = None
+) -> dict:
+    """Prepare every corpus of ``cfg.corpora`` (declared in ``specs``: params ``corpora``; the
+    repository's own declarations by default); return the metrics for ``data/metrics/prepare.json``."""
+    specs = repo_corpora() if specs is None else specs
     metrics = {}
-    for corpus in cfg.corpora:
+    for i, corpus in enumerate(cfg.corpora):
+        spec = get(specs, corpus, f"prepare.corpora[{i}]")
         raw_dir = raw_root / corpus
         if not raw_dir.is_dir():
             raise DataError(f"{raw_dir}: raw corpus missing; run the download stage with {corpus} in download.corpora")
         log.info("preparing %s", corpus)
-        metrics[corpus] = PREPARERS[get_corpus(corpus).task](corpus, raw_dir, out_root / corpus, cfg)
+        metrics[corpus] = PREPARERS[spec.task](spec, raw_dir, out_root / corpus, cfg)
     return metrics

@@ -14,10 +14,7 @@ import pandas as pd
 
 from rnnlab.errors import DataError
 
-LM_FILES = {
-    "ptb": {"train": "ptb.train.txt", "valid": "ptb.valid.txt", "test": "ptb.test.txt"},
-    "wikitext2": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens", "test": "wiki.test.tokens"},
-}
+# Multi30k's and Flickr8k's layouts (params.yaml corpora declares them; kept for direct reads in tests).
 PARALLEL_FILES = {"train": "raw/train", "val": "raw/val", "test": "raw/test_2016_flickr"}
 CAPTION_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -51,18 +48,74 @@ def _require_lines(rows: list, path: Path) -> None:
 
 
 def read_lm_corpus(name: str, raw_dir: Path) -> pd.DataFrame:
-    """Word LM corpora (PTB, WikiText-2): one row per line of each split file."""
-    rows = []
-    for split, fname in LM_FILES[name].items():
-        path = raw_dir / fname
-        split_rows = [(split, fname, n, text) for n, text in read_lines(path)]
-        _require_lines(split_rows, path)
-        rows.extend(split_rows)
-    return pd.DataFrame(rows, columns=["split", "file", "line", "text"])
+    """A word LM corpus declared in the repository's params.yaml (PTB, WikiText-2), by name."""
+    from rnnlab.data.corpora import repo_corpora
+
+    return read_lm(repo_corpora()[name], raw_dir)
 
 
-def read_char_corpus(raw_dir: Path, fname: str = "input.txt", train_fraction: float = 0.9) -> pd.DataFrame:
-    """Tiny Shakespeare: nanoGPT's contiguous split (first 90% of characters train, rest valid).
+def read_lm(spec, raw_dir: Path) -> pd.DataFrame:
+    """An LM corpus (``CorpusSpec``): one row per line of each split file, or of the carved file.
+
+    Extra evaluation sets follow as splits ``eval_<name>``."""
+    if spec.carve is not None:
+        fname = spec.carve.file
+        if spec.carve.by == "chars":
+            table = read_char_corpus(raw_dir, fname, valid=spec.carve.valid, test=spec.carve.test)
+        else:
+            lines = list(read_lines(raw_dir / fname))
+            _require_lines(lines, raw_dir / fname)
+            names = carve_indices(len(lines), spec.carve, f"corpora.{spec.name}.carve", raw_dir / fname)
+            table = pd.DataFrame(
+                [(names[i], fname, n, text) for i, (n, text) in enumerate(lines)],
+                columns=["split", "file", "line", "text"],
+            )
+            table = pd.concat([table[table.split == s] for s in spec.carve.split_names()], ignore_index=True)
+    else:
+        rows = []
+        for split, fname in spec.splits.items():
+            rows.extend(_lm_rows(raw_dir, split, fname))
+        table = pd.DataFrame(rows, columns=["split", "file", "line", "text"])
+    extra = [r for name, fname in spec.eval_sets.items() for r in _lm_rows(raw_dir, f"eval_{name}", fname)]
+    if extra:
+        table = pd.concat([table, pd.DataFrame(extra, columns=table.columns)], ignore_index=True)
+    return table
+
+
+def _lm_rows(raw_dir: Path, split: str, fname: str) -> list[tuple]:
+    path = raw_dir / fname
+    rows = [(split, fname, n, text) for n, text in read_lines(path)]
+    _require_lines(rows, path)
+    return rows
+
+
+def _fraction(x: float) -> float:
+    """1 - 0.05 - 0.05 is 0.8999999999999999 in floating point: round so that 90% of 3000 lines is 2700."""
+    return round(x, 12)
+
+
+def carve_indices(n: int, carve, where: str, path: Path) -> list[str]:
+    """The split of each of ``n`` items (lines, or images of a captions file) under a carve rule."""
+    if carve.by == "every_nth":
+        k = carve.every
+        names = ["valid" if i % k == k - 2 else "test" if i % k == k - 1 else "train" for i in range(n)]
+    else:
+        cut1, cut2 = int(n * _fraction(1 - carve.valid - carve.test)), int(n * _fraction(1 - carve.test))
+        names = ["train" if i < cut1 else "valid" if i < cut2 else "test" for i in range(n)]
+    for split in carve.split_names():
+        if split not in names:
+            rule = f"every {carve.every}" if carve.by == "every_nth" else f"valid {carve.valid}, test {carve.test}"
+            raise DataError(
+                f"{where}: the rule (by {carve.by}, {rule}) leaves split {split!r} empty: {path} has only {n} items"
+            )
+    return names
+
+
+def read_char_corpus(
+    raw_dir: Path, fname: str = "input.txt", train_fraction: float | None = None, valid: float = 0.1, test: float = 0.0
+) -> pd.DataFrame:
+    """A char corpus carved by characters: nanoGPT's contiguous split for Tiny Shakespeare (first
+    90% of the characters train, the rest valid); with ``test`` > 0 the last fraction is test.
 
     The cut falls inside a line; that line is split between the two splits. Joining a split's
     rows with '\\n' gives back exactly nanoGPT's ``data[:n]`` / ``data[n:]``.
@@ -77,21 +130,46 @@ def read_char_corpus(raw_dir: Path, fname: str = "input.txt", train_fraction: fl
         raise DataError(f"{path} line {lineno}: not valid UTF-8") from None
     if not text:
         raise DataError(f"{path}: file is empty")
-    cut = int(len(text) * train_fraction)
+    if train_fraction is not None:
+        valid, test = 1 - train_fraction, 0.0
+    cut = int(len(text) * (train_fraction if train_fraction is not None else _fraction(1 - valid - test)))
+    cut2 = int(len(text) * _fraction(1 - test)) if test > 0 else len(text)
+    parts = [("train", text[:cut]), ("valid", text[cut:cut2])] + ([("test", text[cut2:])] if test > 0 else [])
     rows = []
     first_line = 1
-    for split, part in (("train", text[:cut]), ("valid", text[cut:])):
+    for split, part in parts:
+        if not part:
+            raise DataError(f"{path}: carving by chars leaves split {split!r} empty ({len(text)} characters)")
         lines = part.split("\n")
         rows.extend((split, fname, first_line + i, line) for i, line in enumerate(lines))
         first_line += len(lines) - 1  # the cut line continues in the next split
     return pd.DataFrame(rows, columns=["split", "file", "line", "text"])
 
 
+def pair_name(src: str, tgt: str) -> str:
+    """One ``file`` value for a pair: the common prefix and suffix once, the parts that differ
+    joined by '|' (``raw/train.en.gz`` + ``raw/train.de.gz`` -> ``raw/train.en|de.gz``)."""
+    i = 0
+    while i < min(len(src), len(tgt)) and src[i] == tgt[i]:
+        i += 1
+    j = 0
+    while j < min(len(src), len(tgt)) - i and src[-1 - j] == tgt[-1 - j]:
+        j += 1
+    return f"{src[:i]}{src[i : len(src) - j]}|{tgt[i : len(tgt) - j]}{src[len(src) - j :]}"
+
+
 def read_parallel_corpus(raw_dir: Path, src_lang: str = "en", tgt_lang: str = "de") -> pd.DataFrame:
     """Multi30k: line i of ``X.en.gz`` pairs with line i of ``X.de.gz``; counts must match."""
+    splits = {s: {"src": f"{stem}.{src_lang}.gz", "tgt": f"{stem}.{tgt_lang}.gz"} for s, stem in PARALLEL_FILES.items()}
+    return read_parallel(raw_dir, splits)
+
+
+def read_parallel(raw_dir: Path, splits: dict, carve=None, where: str = "corpora") -> pd.DataFrame:
+    """Two aligned files per split (line i of src with line i of tgt), or one pair carved by lines."""
     rows = []
-    for split, stem in PARALLEL_FILES.items():
-        src_path, tgt_path = raw_dir / f"{stem}.{src_lang}.gz", raw_dir / f"{stem}.{tgt_lang}.gz"
+    pairs = {"all": carve.file} if carve is not None else splits
+    for split, pair in pairs.items():
+        src_path, tgt_path = raw_dir / pair["src"], raw_dir / pair["tgt"]
         src = list(read_lines(src_path))
         tgt = list(read_lines(tgt_path))
         if len(src) != len(tgt):
@@ -99,12 +177,21 @@ def read_parallel_corpus(raw_dir: Path, src_lang: str = "en", tgt_lang: str = "d
                 f"misaligned parallel corpus: {src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}"
             )
         _require_lines(src, src_path)
-        fname = f"{stem}.{src_lang}|{tgt_lang}.gz"
-        rows.extend((split, fname, n, s, t) for (n, s), (_, t) in zip(src, tgt))
-    return pd.DataFrame(rows, columns=["split", "file", "line", "src", "tgt"])
+        fname = pair_name(pair["src"], pair["tgt"])
+        names = [split] * len(src) if carve is None else carve_indices(len(src), carve, f"{where}.carve", src_path)
+        rows.extend((name, fname, n, s, t) for name, (n, s), (_, t) in zip(names, src, tgt))
+    table = pd.DataFrame(rows, columns=["split", "file", "line", "src", "tgt"])
+    if carve is not None:
+        table = pd.concat([table[table.split == s] for s in carve.split_names()], ignore_index=True)
+    return table
 
 
-def read_captions(raw_dir: Path, image_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_captions(
+    raw_dir: Path,
+    image_dir: Path | None = None,
+    split_files: dict[str, str] = CAPTION_SPLIT_FILES,
+    token_file: str = "Flickr8k.token.txt",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Flickr8k: ``<image>.jpg#<k>\\t<caption>`` lines + official split files.
 
     Returns (captions, rejected): rejected rows (caption id naming no existing image, or no
@@ -112,13 +199,12 @@ def read_captions(raw_dir: Path, image_dir: Path | None = None) -> tuple[pd.Data
     """
     image_dir = image_dir or raw_dir / "images"
     split_of: dict[str, str] = {}
-    for split, fname in CAPTION_SPLIT_FILES.items():
+    for split, fname in split_files.items():
         names = [t.strip() for _, t in read_lines(raw_dir / fname) if t.strip()]
         if not names:
             raise DataError(f"{raw_dir / fname}: split is empty (no image names)")
         for name in names:
             split_of[name] = split
-    token_file = "Flickr8k.token.txt"
     rows, rejected = [], []
     for n, text in read_lines(raw_dir / token_file):
         if not text.strip():
@@ -138,3 +224,64 @@ def read_captions(raw_dir: Path, image_dir: Path | None = None) -> tuple[pd.Data
             rows.append(row)
     cols = ["split", "file", "line", "image", "caption_index", "caption"]
     return pd.DataFrame(rows, columns=cols), pd.DataFrame(rejected, columns=[*cols, "reason"])
+
+
+def _caption_lines(path: Path, fmt: str) -> Iterator[tuple[int, str, str]]:
+    """(line, image, caption) of a TSV (``image<TAB>caption``) or JSON-lines captions file."""
+    import json
+
+    for n, text in read_lines(path):
+        if not text.strip():
+            continue
+        if fmt == "tsv":
+            image, sep, caption = text.partition("\t")
+            if not sep:
+                raise DataError(f"{path} line {n}: expected 'image<TAB>caption', got {text[:80]!r}")
+        else:
+            try:
+                obj = json.loads(text)
+                image, caption = obj["image"], obj["caption"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(
+                    f"{path} line {n}: expected a JSON object with 'image' and 'caption', got {text[:80]!r}"
+                ) from None
+        yield n, image.strip(), caption.strip()
+
+
+def read_caption_files(spec, raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A TSV / JSON-lines captions corpus (``CorpusSpec``) over its image folder.
+
+    Splits: one captions file per split, or one file carved by image (all captions of an image in
+    one split, images in order of first mention). Rows whose image is missing or does not decode
+    are returned in ``rejected`` with the reason; a folder where no image decodes is an error."""
+    from rnnlab.data.images import validate_images
+
+    cap = spec.captions
+    image_dir = raw_dir / cap.images
+    if not image_dir.is_dir():
+        raise DataError(f"corpora.{spec.name}.captions.images: {image_dir}: no such folder")
+    sources = {"all": cap.file} if spec.carve is not None else spec.splits
+    rows = []
+    for split, fname in sources.items():
+        lines = list(_caption_lines(raw_dir / fname, cap.format))
+        _require_lines(lines, raw_dir / fname)
+        if spec.carve is not None:
+            images = list(dict.fromkeys(image for _, image, _ in lines))
+            names = carve_indices(len(images), spec.carve, f"corpora.{spec.name}.carve", raw_dir / fname)
+            split_of = dict(zip(images, names))
+        seen: dict[str, int] = {}
+        for n, image, caption in lines:
+            k = seen[image] = seen.get(image, -1) + 1
+            rows.append((split_of[image] if spec.carve is not None else split, fname, n, image, k, caption))
+    good_names, problems = validate_images(image_dir, sorted({r[3] for r in rows}))
+    ok = {name: None for name in good_names} | {name: f"image {name}: {why}" for name, why in problems}
+    if not any(v is None for v in ok.values()):
+        files = sorted(p.name for p in image_dir.iterdir())
+        raise DataError(
+            f"corpora.{spec.name}.captions.images: {image_dir}: no decodable image among the {len(ok)} the "
+            f"captions name ({len(files)} files in the folder: {files[:5]})"
+        )
+    cols = ["split", "file", "line", "image", "caption_index", "caption"]
+    good = [r for r in rows if ok[r[3]] is None]
+    bad = [(*r, ok[r[3]]) for r in rows if ok[r[3]] is not None]
+    return pd.DataFrame(good, columns=cols), pd.DataFrame(bad, columns=[*cols, "reason"])

@@ -14,9 +14,11 @@ from pandera.errors import SchemaErrors
 
 from rnnlab.errors import DataError
 
-LM_SPLITS = ["train", "valid", "test"]
-PARALLEL_SPLITS = ["train", "val", "test"]
-CAPTION_SPLITS = ["train", "dev", "test", "none"]
+# Split names: the built-ins' (train/valid/test, Multi30k's val, Flickr8k's dev), a carve rule's
+# (train/valid/test), extra evaluation sets (eval_<name>); "none": captions of no split (counted).
+LM_SPLITS = r"^(train|valid|test|eval_[A-Za-z0-9_.-]+)$"
+PARALLEL_SPLITS = r"^(train|val|valid|test|eval_[A-Za-z0-9_.-]+)$"
+CAPTION_SPLITS = r"^(train|valid|val|dev|test|none)$"
 
 _common = {
     "file": pa.Column(str, nullable=False),
@@ -30,7 +32,7 @@ def _non_blank(series: pd.Series) -> pd.Series:
 
 LM_LINES = pa.DataFrameSchema(
     {
-        "split": pa.Column(str, pa.Check.isin(LM_SPLITS)),
+        "split": pa.Column(str, pa.Check.str_matches(LM_SPLITS)),
         **_common,
         # Blank lines are real in WikiText (paragraph breaks, scored as <eos>), so text may be empty.
         "text": pa.Column(str, nullable=False),
@@ -41,7 +43,7 @@ LM_LINES = pa.DataFrameSchema(
 
 PARALLEL_PAIRS = pa.DataFrameSchema(
     {
-        "split": pa.Column(str, pa.Check.isin(PARALLEL_SPLITS)),
+        "split": pa.Column(str, pa.Check.str_matches(PARALLEL_SPLITS)),
         **_common,
         "src": pa.Column(str, pa.Check(_non_blank, error="source sentence is empty"), nullable=False),
         "tgt": pa.Column(str, pa.Check(_non_blank, error="target sentence is empty"), nullable=False),
@@ -51,9 +53,10 @@ PARALLEL_PAIRS = pa.DataFrameSchema(
 )
 
 
-def caption_schema(image_dir: Path | None) -> pa.DataFrameSchema:
-    """Captions; when ``image_dir`` is given every image must exist there."""
-    image_checks = [pa.Check.str_endswith(".jpg", error="image name must end in .jpg")]
+def caption_schema(image_dir: Path | None, any_image_type: bool = False) -> pa.DataFrameSchema:
+    """Captions; when ``image_dir`` is given every image must exist there. Flickr8k names end in
+    ``.jpg`` with five captions each; a user's corpus (``any_image_type``) may differ."""
+    image_checks = [] if any_image_type else [pa.Check.str_endswith(".jpg", error="image name must end in .jpg")]
     if image_dir is not None:
         image_checks.append(
             pa.Check(
@@ -62,10 +65,10 @@ def caption_schema(image_dir: Path | None) -> pa.DataFrameSchema:
         )
     return pa.DataFrameSchema(
         {
-            "split": pa.Column(str, pa.Check.isin(CAPTION_SPLITS)),
+            "split": pa.Column(str, pa.Check.str_matches(CAPTION_SPLITS)),
             **_common,
             "image": pa.Column(str, image_checks),
-            "caption_index": pa.Column(int, pa.Check.in_range(0, 4)),
+            "caption_index": pa.Column(int, pa.Check.ge(0) if any_image_type else pa.Check.in_range(0, 4)),
             "caption": pa.Column(str, pa.Check(_non_blank, error="caption is empty"), nullable=False),
         },
         strict=True,

@@ -140,6 +140,7 @@ def _score_language_models(
     lm = task_module("train_lm")
     entries = []
     for name, run, row_in in _trained_runs(params, "train_lm", metrics_dir, skipped):
+        lm.bind_corpus(run, paths.prepared)
         model_dir = models_dir / "lm" / name
         target = model_dir / "model.ckpt" if (model_dir / "model.ckpt").exists() else model_dir
         result = lm.score(target, paths.prepared / run.corpus, cfg.lm_batch_size, cfg.lm_bptt, cfg.limit_test)
@@ -172,7 +173,42 @@ def _score_language_models(
                 "char": run.char_level,
             }
         )
+        entries += _score_eval_sets(lm, name, run, target, paths, cfg)
     return entries
+
+
+def _score_eval_sets(lm, name: str, run, target: Path, paths: StagePaths, cfg: EvaluateConfig) -> list[dict]:
+    """The corpus's extra evaluation sets (params ``corpora.<corpus>.eval_sets``, prepared as
+    ``eval_<set>.npy``): one row each, ``lm.<corpus>.eval_<set>.<model>``."""
+    out = []
+    for path in sorted((paths.prepared / run.corpus).glob("eval_*.npy")):
+        split = path.stem
+        result = lm.score(target, paths.prepared / run.corpus, cfg.lm_batch_size, cfg.lm_bptt, cfg.limit_test, split)
+        row = {
+            "task": "lm",
+            "metric": "bpc" if run.char_level else "ppl",
+            "split": split,
+            "eval_set": split[len("eval_") :],
+            f"{split}_ppl": round(result["ppl"], 3),
+            f"{split}_loss": round(result["loss"], 5),
+            "tokens": result["tokens"],
+        }
+        if run.char_level:
+            row[f"{split}_bpc"] = round(result["bpc"], 4)
+        out.append(
+            {
+                "task": "lm",
+                "key": (run.corpus, split, run.model),
+                "name": f"{name}@{split}",
+                "row": row,
+                "corpus": run.corpus,
+                "model": run.model,
+                "char": run.char_level,
+                "checkpoint": target,
+                "eval_set": True,  # a score row only: no model of its own, no sample
+            }
+        )
+    return out
 
 
 def _score_decoders(
@@ -283,7 +319,8 @@ def evaluate_stage(
     if skipped:
         table["skipped"] = dict(skipped)
 
-    lm_rows = [{"model": e["name"], "ppl": e["row"][f"{e['row']['split']}_ppl"]} for e in entries if e["task"] == "lm"]
+    models = [e for e in entries if not e.get("eval_set")]  # extra evaluation sets are score rows only
+    lm_rows = [{"model": e["name"], "ppl": e["row"][f"{e['row']['split']}_ppl"]} for e in models if e["task"] == "lm"]
     write_json(plots_dir / "lm_ppl.json", lm_rows)
     # One key set for every row: DVC cannot render a plot file whose rows have different keys
     # (translation has chrF, captioning BLEU-1..4; those stay in evaluate.json).
@@ -291,7 +328,7 @@ def evaluate_stage(
         plots_dir / "bleu_vs_beam.json",
         [{k: r.get(k) for k in ("task", "run", "beam", "sacrebleu")} for r in beam_rows],
     )
-    samples = {e["name"]: s for e in entries if e["task"] == "lm" for s in [_lm_sample(e, cfg, seed)] if s}
+    samples = {e["name"]: s for e in models if e["task"] == "lm" for s in [_lm_sample(e, cfg, seed)] if s}
 
     eval_run_id = None
     registered: dict[str, str] = {}
@@ -325,7 +362,7 @@ def evaluate_stage(
             from rnnlab.serving import log_and_register, registered_name
 
             # translators/captioners share one registered name: the best validation score goes last
-            for e in sorted(entries, key=lambda e: (e["task"] != "lm", e.get("select", 0.0))):
+            for e in sorted(models, key=lambda e: (e["task"] != "lm", e.get("select", 0.0))):
                 name = registered_name(e["task"], e["corpus"], e["model"])
                 config = {"char_level": e.get("char", False)} if e["task"] == "lm" else {}
                 info = log_and_register(

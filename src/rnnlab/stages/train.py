@@ -49,7 +49,16 @@ def parse_runs(params: dict, section: str) -> dict:
     """Every run of a training section, parsed and checked: ``{name: RunConfig}``."""
     task = task_module(section)
     sec = training_section(params, section, task.EXPERIMENT)
-    return {name: task.parse_run(merged, where) for name, (where, merged) in sec.runs.items()}
+    return {name: _parse_run(task, params, merged, where) for name, (where, merged) in sec.runs.items()}
+
+
+def _parse_run(task, params: dict, merged: dict, where: str):
+    """``task.parse_run``, then the task's check of the corpus the run names (params ``corpora``)."""
+    run = task.parse_run(merged, where)
+    check = getattr(task, "check_corpus", None)
+    if check is not None and isinstance(params.get("corpora"), dict):
+        check(run, params["corpora"], where)
+    return run
 
 
 def _finite(row: dict) -> dict:
@@ -77,7 +86,7 @@ def train_stage(
 
         raise ConfigError(f"{section}.runs.{run_name}: no such run; runs: {sorted(sec.runs)}")
     where, merged = sec.runs[run_name]
-    run = task.parse_run(merged, where)
+    run = _parse_run(task, params, merged, where)
     seed, writer = get_seed(params), global_rank() == 0
     out_dir = Path(models_dir) / run_name
     if writer:

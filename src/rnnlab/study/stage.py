@@ -32,7 +32,7 @@ from torch import nn
 from rnnlab.config import parse_section, require
 from rnnlab.data.lm_data import batchify
 from rnnlab.errors import ConfigError
-from rnnlab.io import write_json
+from rnnlab.io import read_json, write_json
 from rnnlab.models.lm import LANGUAGE_MODELS, build_language_model
 from rnnlab.models.lm_parts import detach_state
 from rnnlab.study.gradient_flow import decay_per_step, gradient_norm_by_lag, windows_from_stream
@@ -128,10 +128,8 @@ class StudyConfig:
     experiment: str = "rnnlab-study"
 
     def validate(self, where: str) -> None:
-        from rnnlab.data.registry import get_corpus
-
-        if get_corpus(self.corpus).task != "lm-word":
-            raise ConfigError(f"{where}.corpus: expected a word-level LM corpus, got {self.corpus!r}")
+        if not self.corpus or "/" in self.corpus:
+            raise ConfigError(f"{where}.corpus: expected a corpus name of params corpora, got {self.corpus!r}")
 
 
 def parse_study_config(data: dict) -> StudyConfig:
@@ -348,6 +346,8 @@ def run_study(
     for name in ("train.npy", "valid.npy", "vocab.json"):
         if not (corpus_dir / name).is_file():
             raise ConfigError(f"study.corpus: {corpus_dir / name} is missing (run the prepare stage for {cfg.corpus})")
+    if read_json(corpus_dir / "tokenizer.json").get("name") == "char":
+        raise ConfigError(f"study.corpus: expected a word-level LM corpus, got the char corpus {cfg.corpus!r}")
     train_ids, valid_ids = np.load(corpus_dir / "train.npy"), np.load(corpus_dir / "valid.npy")
     vocab_size = len(Vocab.load(corpus_dir / "vocab.json"))
     metrics: dict = {}

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from rnnlab.config import parse_section, require
 from rnnlab.data.lm_data import BPTTWindows, ShardedLMDataModule, batchify
-from rnnlab.data.registry import CORPORA, get_corpus
 from rnnlab.data.vocab import Vocab, check_vocab
 from rnnlab.errors import ConfigError, RnnlabError, TrainingError
 from rnnlab.io import copy_file, read_json, write_json
@@ -59,8 +58,32 @@ def model_names() -> list[str]:
     return sorted([*LANGUAGE_MODELS, NGRAM])
 
 
-def lm_corpus_names() -> list[str]:
-    return sorted(name for name, c in CORPORA.items() if c.task in ("lm-word", "lm-char"))
+def check_corpus(run: RunConfig, corpora: dict, where: str) -> None:
+    """Before anything trains: the run's corpus is declared in params ``corpora`` with an LM task.
+    (The raw mapping: the stage reads no corpus entry, only the data ``prepare`` wrote from it.)"""
+    lm = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") in ("lm-word", "lm-char"))
+    if run.corpus not in corpora:
+        raise ConfigError(f"{where}.corpus: unknown corpus {run.corpus!r}; language-modelling corpora: {lm}")
+    if run.corpus not in lm:
+        raise ConfigError(
+            f"{where}.corpus: {run.corpus!r} is not a language-modelling corpus (task "
+            f"{corpora[run.corpus].get('task')!r}); valid names: {lm}"
+        )
+
+
+def bind_corpus(run: RunConfig, prepared_root: Path) -> Path:
+    """The run's prepared corpus folder, checked to be a language-modelling corpus; sets
+    ``run.char_level`` from the tokenizer ``prepare`` used (the corpus's ``options.tokenizer``)."""
+    folder = Path(prepared_root) / run.corpus
+    tokenizer = folder / "tokenizer.json"
+    if not (folder / "train.npy").is_file() or not tokenizer.is_file():
+        raise ConfigError(
+            f"train_lm run corpus {run.corpus!r}: no prepared language-modelling corpus at {folder} "
+            "(declare it in params.yaml corpora: with task lm-word or lm-char, list it in "
+            "download.corpora and prepare.corpora, and run `dvc repro prepare`)"
+        )
+    run.char_level = read_json(tokenizer).get("name") == "char"
+    return folder
 
 
 @dataclass
@@ -93,15 +116,12 @@ class RunConfig:
     discount: float | None = None  # n-gram only: null = estimated per order (n1 / (n1 + 2 n2))
     samples: int = 3  # generated samples logged per run (MLflow text artifact samples.txt)
 
+    # Set by bind_corpus from the prepared data (not a param): the corpus's task decides it.
+    char_level = False
+
     def validate(self, where: str) -> None:
-        try:
-            corpus = get_corpus(self.corpus)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.corpus: {exc}") from exc
-        if corpus.task not in ("lm-word", "lm-char"):
-            raise ConfigError(
-                f"{where}.corpus: {self.corpus!r} is not a language-modelling corpus; valid names: {lm_corpus_names()}"
-            )
+        if not self.corpus or "/" in self.corpus:
+            raise ConfigError(f"{where}.corpus: expected a corpus name of params corpora, got {self.corpus!r}")
         if self.model not in model_names():
             raise ConfigError(f"{where}.model: unknown model {self.model!r}; valid names: {model_names()}")
         if self.order is not None:
@@ -119,10 +139,6 @@ class RunConfig:
         require(0 < self.train_fraction <= 1, f"{where}.train_fraction", "a number in (0, 1]", self.train_fraction)
         require(0 < self.eval_fraction <= 1, f"{where}.eval_fraction", "a number in (0, 1]", self.eval_fraction)
         require(self.limit_train_batches > 0, f"{where}.limit_train_batches", "a number > 0", self.limit_train_batches)
-
-    @property
-    def char_level(self) -> bool:
-        return get_corpus(self.corpus).task == "lm-char"
 
     def ngram_order(self) -> int:
         if self.order is not None:
@@ -146,7 +162,8 @@ def parse_run(merged: dict, where: str) -> RunConfig:
 
 
 def data_files(run: RunConfig, paths: StagePaths) -> list[Path]:
-    return [paths.prepared / run.corpus / f for f in ("train.npy", "valid.npy", "vocab.json")]
+    folder = bind_corpus(run, paths.prepared)
+    return [folder / f for f in ("train.npy", "valid.npy", "vocab.json")]
 
 
 def tags(run: RunConfig) -> dict:
@@ -319,7 +336,7 @@ def _char_rows(row: dict, val_loss: float, test_loss: float) -> None:
 
 def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     """Train one LM (neural through ``fit``, or the n-gram by counting), write its model folder."""
-    prepared = ctx.paths.prepared / run.corpus
+    prepared = bind_corpus(run, ctx.paths.prepared)
     if run.model == NGRAM:
         row, history = _train_ngram(run, prepared, ctx)
     else:
@@ -558,15 +575,19 @@ def evaluate(model, ids: np.ndarray, batch_size: int = 10, bptt: int = 35) -> di
     return {"loss": loss, "ppl": perplexity(loss), "bpc": bits_per_char(loss), "tokens": count}
 
 
-def score(path: str | Path, prepared_dir: Path, batch_size: int, bptt: int, limit: int | None = None) -> dict:
+def score(
+    path: str | Path, prepared_dir: Path, batch_size: int, bptt: int, limit: int | None = None, split: str | None = None
+) -> dict:
     """Score a trained LM on the test split (valid where a corpus has no test split).
 
     Neural: token-weighted over the batchified stream (``batch_size`` columns, ``bptt`` windows,
     state carried). n-gram: every position 1..len-1 of the stream (``batch_size``/``bptt`` do not
     apply); the same number train_lm reports. ``limit``: the first N tokens only (smoke tests).
+    ``split``: another prepared split (an extra evaluation set ``eval_<name>``).
     ``{split, loss, ppl, bpc, tokens}``."""
     expected = Vocab.load(Path(prepared_dir) / "vocab.json")
-    split = "test" if (Path(prepared_dir) / "test.npy").exists() else "valid"
+    if split is None:
+        split = "test" if (Path(prepared_dir) / "test.npy").exists() else "valid"
     ids = np.load(Path(prepared_dir) / f"{split}.npy")
     if limit is not None:
         ids = ids[: max(limit, batch_size * 2)]
