@@ -408,7 +408,8 @@ def test_train_translation_end_to_end(pairs, tmp_path):
     src = pad_sequences(encoded, Vocab.pad_id)
     lengths = torch.as_tensor([len(e) for e in encoded])
     decoder = task.model.incremental_decoder()
-    common = dict(batch_size=len(encoded), bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=20)
+    # the task's output rules (no <unk>, the n-gram block) apply to both, as to task.translate
+    common = dict(batch_size=len(encoded), bos_id=Vocab.bos_id, eos_id=Vocab.eos_id, max_len=20, rules=task.rules)
     greedy = greedy_decode(decoder, decoder.start(src, lengths), **common)
     beam1 = beam_search(decoder, decoder.start(src, lengths), beam_size=1, length_penalty=1.0, **common)
     assert beam1.tokens == greedy.tokens and [task.ids_to_text(t) for t in greedy.tokens] == hyps
