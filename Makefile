@@ -7,7 +7,12 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: venv pipeline test lint ui metrics plots clean-venv
 
+# Supported: the range of pyproject's requires-python (torch 2.14.1 has wheels for 3.10-3.13).
+PYTHON_CHECK := import sys; v = sys.version_info[:2]; \
+	sys.exit(0 if (3, 10) <= v < (3, 14) else "rnnlab needs Python 3.10-3.13 (torch 2.14.1 has wheels for those); %s is %d.%d. Install one (Debian 13 / Ubuntu 24.04: apt install python3 python3-venv; elsewhere: pyenv install 3.12) and run: make PYTHON=python3.12 ..." % ((sys.executable,) + v))
+
 $(BIN)/rnnlab: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -c '$(PYTHON_CHECK)'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

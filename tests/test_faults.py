@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_repo import REPO, RUN_DIR, edit_profile, prepared_copy, run, start, step_checkpoints, wait_for
+from pause import pause_env, wait_for_marker
+from pipeline_repo import REPO, RUN_DIR, prepared_copy, run, start
 
 from rnnlab.errors import RnnlabError, TrainingError
 from rnnlab.io import OutputWriteError, copy_file, write_json, write_npy
@@ -176,19 +177,18 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
 @pytest.mark.slow
 def test_second_dvc_repro_fails_clearly_on_the_lock_and_corrupts_nothing(tmp_path):
     repo = prepared_copy(tmp_path / "repo")
-    # Far more steps than the second repro needs to fail on the lock: the SIGINT below lands in training.
-    edit_profile(repo, {"train_lm": {"runs": {"ptb-lstm": {"max_epochs": 200}}}})
     run(["dvc", "repro", "prepare"], repo)  # the profile is a dep of every stage: bring them up to date first
     lock_before = (repo / "dvc.lock").read_text()
-    first = start(["dvc", "repro", "train_lm@ptb-lstm"], repo)
-    wait_for(lambda: step_checkpoints(repo), 300, "train_lm to be training", first)
+    # The first repro pauses in training (step 2) until the end of the test: no race with a fast machine.
+    first = start(["dvc", "repro", "train_lm@ptb-lstm"], repo, **pause_env(2, tmp_path / "pause"))
+    assert wait_for_marker(tmp_path / "pause", process=first)["step"] == 2
     second = run(["dvc", "repro"], repo, check=False)
     assert second.returncode != 0
     assert re.search(r"is busy, it is being blocked by:\s+\(PID \d+\): .*dvc repro train_lm@ptb-lstm", second.stderr), (
         second.stderr
     )
     assert first.poll() is None  # the first one was left alone ...
-    os.killpg(first.pid, signal.SIGINT)  # ... until stopped the way a user would, to save time here
+    os.killpg(first.pid, signal.SIGINT)  # ... until stopped the way a user would (the pause ends on it)
     out, err = first.communicate(timeout=300)
     assert "training stopped by SIGINT" in err, err[-3000:]
     # Nothing corrupted: dvc.lock as before, DVC's locks released, the stage's checkpoint readable.

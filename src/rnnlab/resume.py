@@ -480,3 +480,36 @@ def fit_resumable(
         ) from exc
     callback.raise_if_stopped()  # a signal during the last validation: training is complete
     return ckpt
+
+
+PAUSE_AT_STEP_ENV = "RNNLAB_PAUSE_AT_STEP"
+PAUSE_DIR_ENV = "RNNLAB_PAUSE_DIR"
+
+
+class PauseAtStep(pl.Callback):
+    """Test hook: at global step ``step`` each rank writes ``paused-rank<R>.json`` (step, pid) into
+    ``folder`` and waits until a ``release`` file appears there, or until ``stopped()`` is true (a
+    SIGINT/SIGTERM caught by :class:`ResumeCallback`, which then saves and stops as usual).
+
+    Tests signal or race a second process against a run paused at a known step, instead of against
+    the clock (a fast machine finishes a 40-step run before a timed signal arrives)."""
+
+    def __init__(self, step: int, folder: str | Path, stopped=lambda: False, poll_s: float = 0.02):
+        self.step, self.folder, self.stopped, self.poll_s = step, Path(folder), stopped, poll_s
+
+    @classmethod
+    def from_env(cls, stopped=lambda: False) -> PauseAtStep | None:
+        step, folder = os.environ.get(PAUSE_AT_STEP_ENV), os.environ.get(PAUSE_DIR_ENV)
+        if not step:
+            return None
+        if not folder:
+            raise RnnlabError(f"{PAUSE_AT_STEP_ENV}={step} needs {PAUSE_DIR_ENV} (the folder for the marker)")
+        return cls(int(step), folder, stopped)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.folder / f"paused-rank{global_rank()}.json", {"step": self.step, "pid": os.getpid()})
+        while not (self.folder / "release").exists() and not self.stopped():
+            time.sleep(self.poll_s)

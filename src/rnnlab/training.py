@@ -36,6 +36,7 @@ from rnnlab.config import require
 from rnnlab.resume import (
     RANK_STATES_KEY,
     AtomicCheckpointIO,
+    PauseAtStep,
     ResumeCallback,
     ResumeDir,
     fit_resumable,
@@ -205,6 +206,13 @@ def fit(
     if spec.patience is not None:
         callbacks.append(EarlyStopping(monitor=spec.monitor, mode=spec.mode, patience=spec.patience))
     resume_callback = ResumeCallback(resume, cfg.checkpoint_every_n_steps) if resume.enabled else None
+    # Test hook (RNNLAB_PAUSE_AT_STEP): before the resume callback, so a signal during the pause is
+    # handled by it at the end of that same step.
+    pause = PauseAtStep.from_env(
+        stopped=lambda: resume_callback is not None and resume_callback.stop_signal is not None
+    )
+    if pause is not None:
+        callbacks.append(pause)
     if resume_callback is not None:
         callbacks.append(resume_callback)
     overrides: dict = {"limit_train_batches": spec.limit_train_batches}
