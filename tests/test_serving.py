@@ -1,12 +1,15 @@
 """Serving: the registered tiny PTB LM answers real HTTP requests from `mlflow models serve`
-(models:/rnnlab-lm-ptb-lstm/latest, --env-manager local, 127.0.0.1); malformed requests get a
+(models:/rnnlab-lm-ptb-lstm@champion, --env-manager local, 127.0.0.1); malformed requests get a
 4xx message without a stack trace and the server keeps answering. The wrappers' input checks are
-also tested in-process through mlflow.pyfunc.load_model."""
+also tested in-process through mlflow.pyfunc.load_model. A logged model loads and predicts in a
+subprocess where the repository's rnnlab is not importable (tests/load_without_rnnlab.py), and the
+alias ``champion`` points at the best validation version."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -18,6 +21,19 @@ from local_server import local_service
 from tiny_lm_store import lm_store  # noqa: F401 - fixture
 
 VENV_BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sampled_tokens(text: str) -> int:
+    """Tokens in a generated text: its words plus its line breaks (each sampled ``<eos>`` is one)."""
+    return len(text.split()) + text.count("\n")
+
+
+def test_sampled_tokens_counts_eos_line_breaks():
+    from rnnlab.generate import detokenize
+
+    for tokens in (["a", "b"], ["a", "<eos>", "b"], ["<eos>", "a"], ["a", "<eos>"], ["a", "<eos>", "<eos>", "b"]):
+        assert sampled_tokens(detokenize(tokens, char_level=False)) == len(tokens), tokens
 
 
 def post(url: str, body: bytes | str, timeout: float = 60) -> tuple[int, dict]:
@@ -43,7 +59,7 @@ def server(lm_store):  # noqa: F811
         "models",
         "serve",
         "-m",
-        "models:/rnnlab-lm-ptb-lstm/latest",
+        "models:/rnnlab-lm-ptb-lstm@champion",
         "--env-manager",
         "local",
         "-h",
@@ -67,7 +83,7 @@ def test_http_generation_and_bad_requests(server):
     status, answer = post(url, json.dumps(body))
     assert status == 200, answer
     texts = [p["text"] for p in answer["predictions"]]
-    assert len(texts[0].replace("\n", " ").split()) == 8  # eight sampled words (an <eos> prints as a line break)
+    assert sampled_tokens(texts[0]) == 8
     assert texts[0] == texts[1]  # same seed, same sample
     bad = {
         "empty prompt": '{"inputs": [{"prompt": "   "}]}',
@@ -108,15 +124,17 @@ def test_pyfunc_in_process(lm_store):  # noqa: F811
     inputs = model.metadata.get_input_schema().input_names()
     assert inputs == ["prompt", "tokens", "temperature", "seed"]
     out = model.predict(pd.DataFrame({"prompt": ["the market"], "tokens": [5], "seed": [1]}))
-    assert list(out.columns) == ["text"] and len(out["text"][0].replace("\n", " ").split()) == 5
+    assert list(out.columns) == ["text"] and sampled_tokens(out["text"][0]) == 5
     from mlflow.exceptions import MlflowException
 
     with pytest.raises(MlflowException, match="non-empty string"):
         model.predict(pd.DataFrame({"prompt": [""]}))
 
-    ngram = mlflow.pyfunc.load_model("models:/rnnlab-lm-ptb-ngram/latest")
+    ngram = mlflow.pyfunc.load_model("models:/rnnlab-lm-ptb-ngram@champion")
     first = ngram.predict(pd.DataFrame({"prompt": ["the market"], "tokens": [6], "seed": [2]}))["text"][0]
-    assert len(first.replace("\n", " ").split()) == 6
+    assert sampled_tokens(first) == 6
+    long = ngram.predict(pd.DataFrame({"prompt": ["the market"], "tokens": [200], "seed": [1]}))["text"][0]
+    assert long.count("\n") >= 2 and sampled_tokens(long) == 200  # <eos> sampled (line breaks): still 200 tokens
     assert ngram.predict(pd.DataFrame({"prompt": ["the market"], "tokens": [6], "seed": [2]}))["text"][0] == first
 
 
@@ -138,18 +156,17 @@ def test_captioner_wrapper_rejects_non_images(tmp_path):
 
 
 def _save_pyfunc(task: str, checkpoint: Path, path: Path):
+    """Saved as evaluate logs it (``pyfunc_kwargs``); its input example must be answered."""
     import mlflow
 
-    from rnnlab.serving import SIGNATURES, WRAPPERS
+    from rnnlab.serving import pyfunc_kwargs
 
-    mlflow.pyfunc.save_model(
-        str(path),
-        python_model=WRAPPERS[task](),
-        artifacts={"checkpoint": str(checkpoint)},
-        signature=SIGNATURES[task],
-        pip_requirements=["rnnlab"],
-    )
-    return mlflow.pyfunc.load_model(str(path))
+    code = path.parent / f"{path.name}-code"
+    mlflow.pyfunc.save_model(str(path), artifacts={"checkpoint": str(checkpoint)}, **pyfunc_kwargs(task, code))
+    model = mlflow.pyfunc.load_model(str(path))
+    example = model.input_example
+    assert example is not None and len(model.predict(example)) == len(example) == 1
+    return model
 
 
 def test_translator_pyfunc_in_process(mirror, tmp_path):
@@ -305,3 +322,74 @@ def test_request_limits_are_refused_before_anything_is_decoded(tmp_path, monkeyp
         "record0: not an image",
     )
     assert calls[-1][0] == "b64"
+
+
+def test_logged_model_loads_and_predicts_where_rnnlab_is_not_importable(lm_store, tmp_path):  # noqa: F811
+    """The model evaluate registered carries its code: a fresh interpreter started outside the
+    repository, with the repository's rnnlab removed from sys.path (checked), loads it and answers
+    its input example; the rnnlab it ran is the model's own copy and rnnlab is no requirement."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "MLFLOW_"))}
+    env.update(MLFLOW_TRACKING_URI=lm_store.uri, OMP_NUM_THREADS="1")
+    script = REPO / "tests" / "load_without_rnnlab.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "models:/rnnlab-lm-ptb-lstm@champion", str(REPO)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    rnnlab_file = Path(out["rnnlab_file"]).resolve()
+    assert Path(out["model_path"]).resolve() / "code" / "rnnlab" / "__init__.py" == rnnlab_file
+    assert REPO not in rnnlab_file.parents
+    (prediction,) = out["prediction"]
+    assert sampled_tokens(prediction["text"]) == 5  # the input example asks for 5 tokens
+    names = {r.split("==")[0].lower() for r in out["requirements"]}
+    assert "rnnlab" not in names and {"torch", "mlflow", "numpy", "pytorch-lightning"} <= names
+    assert all("==" in r for r in out["requirements"]), out["requirements"]  # every requirement pinned
+
+
+def test_pick_champion_follows_the_criteria_table():
+    from rnnlab.serving import pick_champion
+
+    assert pick_champion("lm", {"1": {"val_ppl": 300.0}, "2": {"val_ppl": 200.0}, "3": {"val_ppl": 250.0}}) == (
+        "2",
+        "val_ppl",
+        200.0,
+    )
+    bleu = {"1": {"val_sacrebleu_best": 20.0, "val_loss": 2.0}, "2": {"val_sacrebleu_best": 10.0, "val_loss": 1.0}}
+    assert pick_champion("translation", bleu)[:2] == ("1", "val_sacrebleu_best")  # highest BLEU, not lowest loss
+    no_bleu = {"1": {"val_sacrebleu_best": None, "val_loss": 2.0}, "2": {"val_sacrebleu_best": None, "val_loss": 1.5}}
+    assert pick_champion("translation", no_bleu) == ("2", "val_loss", 1.5)
+    assert pick_champion("captioning", {"a": {"best_val_loss": 3.1}, "b": {"best_val_loss": 2.9}})[0] == "b"
+    assert pick_champion("captioning", {"a": {"best_val_loss": 3.1}, "b": {}}) is None
+
+
+def test_evaluate_points_champion_at_the_best_validation_version(lm_store, tmp_path):  # noqa: F811
+    """Three versions of one registered name (the tiny LSTM logged three times with different
+    validation numbers): the alias goes to the best (version 2), not to the latest (3)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from rnnlab.stages.evaluate import register_models
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("champion-test", artifact_location=(tmp_path / "art").as_uri())
+    eval_run = client.create_run(exp, run_name="evaluate").info.run_id
+    ckpt = lm_store.root / "data/models/lm/ptb-lstm/model.ckpt"
+    entries = [
+        {"task": "lm", "corpus": "ptb", "model": "lstm", "name": name, "checkpoint": ckpt, "row": {}}
+        | {"training_row": {"val_ppl": ppl}}
+        for name, ppl in (("a", 300.0), ("b", 200.0), ("c", 250.0))
+    ]
+    try:
+        registered = register_models(entries, eval_run, uri)
+    finally:
+        mlflow.set_tracking_uri(lm_store.uri)
+    assert registered == {"a": "rnnlab-lm-ptb-lstm/1", "b": "rnnlab-lm-ptb-lstm/2", "c": "rnnlab-lm-ptb-lstm/3"}
+    champion = client.get_model_version_by_alias("rnnlab-lm-ptb-lstm", "champion")
+    assert str(champion.version) == "2" and champion.tags["champion_metric"] == "val_ppl=200"
+    assert champion.tags["rnnlab.run"] == "b"

@@ -281,17 +281,152 @@ def registered_name(task: str, corpus: str | None = None, model: str | None = No
     return {"translation": "rnnlab-translator", "captioning": "rnnlab-captioner"}[task]
 
 
-def _requirements() -> list[str]:
-    import numpy
-    import torch
+# Distributions of ``rnnlab``'s own dependencies that serving never imports: left out of the model's
+# requirements (DVC runs the pipeline; pycocoevalcap scores captions in the evaluate stage).
+NOT_SERVING_DEPS = {"dvc", "pycocoevalcap"}
 
-    return [
-        f"mlflow=={mlflow.__version__}",
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"numpy=={numpy.__version__}",
-        f"pandas=={pd.__version__}",
-        "rnnlab",
-    ]
+
+def requirements() -> list[str]:
+    """The model's pip requirements: ``rnnlab``'s runtime dependencies (pyproject.toml, read from the
+    installed package's metadata) pinned to the versions installed here, except NOT_SERVING_DEPS.
+
+    ``rnnlab`` itself is not among them (it is not on PyPI): its code travels with the model
+    (``code_paths``), so any environment manager (``virtualenv``, ``uv``, ``conda``, docker) can
+    rebuild the model's environment."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = md.requires("rnnlab") or []
+    except md.PackageNotFoundError as exc:
+        raise RuntimeError("rnnlab is not installed (pip install -e .): its dependencies are unknown") from exc
+    pins = []
+    for text in declared:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra (test tools)
+        if req.name.lower() in NOT_SERVING_DEPS:
+            continue
+        pins.append(f"{req.name}=={md.version(req.name).split('+')[0]}")
+    return sorted(pins, key=str.lower)
+
+
+def package_copy(dest: Path) -> Path:
+    """A copy of the ``rnnlab`` package (no ``__pycache__``) under ``dest``: the model's ``code_paths``
+    entry. MLflow puts the model's ``code/`` folder first on ``sys.path`` when it loads the model."""
+    import shutil
+
+    import rnnlab
+
+    target = Path(dest) / "rnnlab"
+    shutil.copytree(Path(rnnlab.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
+def _example_image() -> str:
+    """base64 of a small PNG (64x64, a grey gradient): the captioner's input example."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def input_example(task: str) -> pd.DataFrame:
+    """One request record per model kind, logged with the model (the UI and ``mlflow models
+    predict`` show it; MLflow checks at logging time that the model answers it)."""
+    if task == "lm":
+        return pd.DataFrame([{"prompt": "the company said", "tokens": 5, "temperature": 1.0, "seed": 0}])
+    if task == "translation":
+        return pd.DataFrame([{"text": "A man is riding a bike.", "beam": 2}])
+    if task == "captioning":
+        return pd.DataFrame([{"image": _example_image(), "beam": 1}])
+    raise ValueError(f"unknown task {task!r}; expected one of {sorted(WRAPPERS)}")
+
+
+def pyfunc_kwargs(task: str, code_dir: Path, model_config: dict | None = None) -> dict:
+    """What every rnnlab pyfunc model is saved/logged with (``mlflow.pyfunc.save_model`` /
+    ``log_model`` keyword arguments, the artifacts aside): its wrapper, a copy of the ``rnnlab``
+    package made under ``code_dir`` (``code_paths``), its signature, an input example and pinned
+    pip requirements without ``rnnlab``."""
+    return {
+        "python_model": WRAPPERS[task](),
+        "code_paths": [str(package_copy(Path(code_dir)))],
+        "signature": SIGNATURES[task],
+        "input_example": input_example(task),
+        "model_config": model_config or {},
+        "pip_requirements": requirements(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry alias ``champion``: the best validation model of each registered name
+# ----------------------------------------------------------------------------------------------
+CHAMPION_ALIAS = "champion"
+# task -> the training-row metrics (data/metrics/train_*/<run>.json) that rank its models, in order:
+# the first one every candidate has (a finite number) decides; "min" = lower is better.
+CHAMPION_CRITERIA: dict[str, tuple[tuple[str, str], ...]] = {
+    "lm": (("val_ppl", "min"),),
+    "translation": (("val_sacrebleu_best", "max"), ("val_loss", "min")),
+    "captioning": (("best_val_loss", "min"),),
+}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def pick_champion(task: str, candidates: dict[Any, dict]) -> tuple[Any, str, float] | None:
+    """``(key, metric, value)`` of the best of ``candidates`` (key -> training metrics row) by
+    CHAMPION_CRITERIA[task]; None when no criterion is a finite number in every candidate."""
+    for metric, direction in CHAMPION_CRITERIA[task]:
+        values = {key: _number(row.get(metric)) for key, row in candidates.items()}
+        if values and all(v is not None for v in values.values()):
+            best = (min if direction == "min" else max)(values, key=values.get)
+            return best, metric, values[best]
+    return None
+
+
+def set_champion(client, name: str, task: str, versions: dict[str, dict]) -> str | None:
+    """Point alias ``champion`` of registered model ``name`` at the best of ``versions`` (version ->
+    training metrics row); tag that version ``champion_metric``. Returns the version (None: no
+    criterion to rank them, the alias is left as it was, with a warning)."""
+    picked = pick_champion(task, versions)
+    if picked is None:
+        log.warning(
+            "%s: no %s in every training row of versions %s: alias %r not set",
+            name,
+            " / ".join(m for m, _ in CHAMPION_CRITERIA[task]),
+            sorted(versions),
+            CHAMPION_ALIAS,
+        )
+        return None
+    version, metric, value = picked
+    client.set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+    client.set_model_version_tag(name, str(version), "champion_metric", f"{metric}={value:g}")
+    return str(version)
+
+
+def _logged_model_home(client, training_run_id: str | None) -> tuple[str | None, str | None]:
+    """(run id, experiment id) of the training run when the store has it, else (None, None)."""
+    if not training_run_id:
+        return None, None
+    try:
+        run = client.get_run(training_run_id)
+    except MlflowException:
+        log.warning(
+            "training run %s is not in the tracking store: the model is linked to the evaluation run only",
+            training_run_id,
+        )
+        return None, None
+    return run.info.run_id, run.info.experiment_id
 
 
 def log_and_register(
@@ -306,27 +441,43 @@ def log_and_register(
     register: bool = True,
     run_name: str | None = None,
 ) -> dict:
-    """Log ``checkpoint`` as a pyfunc model into MLflow run ``run_id`` and register it as ``name``.
+    """Log ``checkpoint`` as a pyfunc model and register it as ``name``.
 
-    Returns ``{"model_uri", "registered_name", "version"}``. ``rnnlab`` must be importable where the
-    model is served (``--env-manager local`` in this project's venv)."""
+    The model ships its code (a copy of the ``rnnlab`` package, ``code_paths``), pinned pip
+    requirements without ``rnnlab`` (:func:`requirements`), a signature and an input example, so
+    it loads wherever its requirements install. Lineage: the model is a logged model *of the
+    training run* ``training_run_id`` (its source run and one of its outputs: the run page and
+    the runs table's Models column show it; the registered version's run is the training run),
+    and an input of the evaluation run ``run_id``. Without a training run in the store it is a
+    logged model of the evaluation run.
+
+    Returns ``{"model_uri", "model_id", "registered_name", "version"}``."""
+    from mlflow.entities import LoggedModelInput, LoggedModelOutput
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
     artifacts = {"checkpoint": str(checkpoint), **{k: str(v) for k, v in (extra_artifacts or {}).items()}}
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    model_name = (run_name or name).replace("/", "-")
+    source_run, experiment_id = _logged_model_home(client, training_run_id)
+    if experiment_id is None:
+        experiment_id = client.get_run(run_id).info.experiment_id
+    logged = mlflow.initialize_logged_model(
+        name=model_name, source_run_id=source_run or run_id, experiment_id=experiment_id, tags={"task": task}
+    )
+    with tempfile.TemporaryDirectory(prefix="rnnlab-code-") as code:
         info = mlflow.pyfunc.log_model(
-            name=(run_name or name).replace("/", "-"),
-            python_model=WRAPPERS[task](),
+            name=model_name,
+            model_id=logged.model_id,
             artifacts=artifacts,
-            signature=SIGNATURES[task],
-            model_config=model_config or {},
-            pip_requirements=_requirements(),
+            **pyfunc_kwargs(task, Path(code), model_config),
         )
-    out = {"model_uri": info.model_uri, "registered_name": None, "version": None}
+    client.log_outputs(source_run or run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    if source_run:
+        client.log_inputs(run_id, models=[LoggedModelInput(logged.model_id)])
+    out = {"model_uri": info.model_uri, "model_id": logged.model_id, "registered_name": None, "version": None}
     if register:
         version = mlflow.register_model(info.model_uri, name)
-        client = MlflowClient(tracking_uri)
         if training_run_id:
             client.set_model_version_tag(name, version.version, "training_run_id", training_run_id)
         client.set_model_version_tag(name, version.version, "evaluation_run_id", run_id)

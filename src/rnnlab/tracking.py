@@ -188,6 +188,8 @@ class NullTracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
+    def log_datasets(self, datasets: list, context: str) -> None: ...
+
 
 class MlflowTracker(NullTracker):
     """Logs to one MLflow run through ``MlflowClient``; survives the server going away.
@@ -353,6 +355,15 @@ class MlflowTracker(NullTracker):
         for k, v in tags.items():
             self._enqueue(f"tag {k}", lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)))
 
+    def log_datasets(self, datasets: list, context: str) -> None:
+        """Record ``datasets`` (``mlflow.data`` datasets) as the run's inputs, tagged with ``context``."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [DatasetInput(d._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)]) for d in datasets]
+        if inputs:
+            self._enqueue("dataset inputs", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+
 
 def _get_experiment_id(client, name: str, root: Path) -> str:
     exp = client.get_experiment_by_name(name)
@@ -383,6 +394,72 @@ def _dep_key(dep: str | Path, root: Path) -> tuple[str, Path]:
         return "ext/" + "/".join(full.parts[-2:]), full
 
 
+def _dvc_source_class():
+    """``DvcPathSource``: an MLflow dataset source naming a path of this DVC repository (source type
+    ``dvc``, JSON ``{"path": "data/prepared/ptb/train.npy"}``), registered with MLflow once, so
+    ``mlflow.data.get_source`` reads it back. Its ``load`` returns the path (``dvc pull`` brings the file)."""
+    global _DVC_SOURCE
+    if _DVC_SOURCE is None:
+        from mlflow.data.dataset_source import DatasetSource
+        from mlflow.data.dataset_source_registry import register_dataset_source
+
+        class DvcPathSource(DatasetSource):
+            def __init__(self, path: str):
+                self.path = path
+
+            @staticmethod
+            def _get_source_type() -> str:
+                return "dvc"
+
+            def load(self) -> str:
+                return self.path
+
+            @staticmethod
+            def _can_resolve(raw_source: Any) -> bool:
+                return False  # never guessed from a bare string: built explicitly
+
+            @classmethod
+            def _resolve(cls, raw_source: Any) -> DvcPathSource:
+                return cls(str(raw_source))
+
+            def to_dict(self) -> dict[str, Any]:
+                return {"path": self.path}
+
+            @classmethod
+            def from_dict(cls, source_dict: dict) -> DvcPathSource:
+                return cls(source_dict["path"])
+
+        register_dataset_source(DvcPathSource)
+        _DVC_SOURCE = DvcPathSource
+    return _DVC_SOURCE
+
+
+_DVC_SOURCE = None
+
+
+def data_dataset(dep: str | Path, root: Path, digest: str | None = None):
+    """An MLflow dataset for data file/folder ``dep`` (the run's Dataset column): name = its last two
+    path parts (``ptb/train.npy``), digest = its md5 as DVC computes it (:func:`md5_path`), source =
+    its path relative to the repository (as in ``dvc.yaml``; ``ext/...`` outside it)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    key, full = _dep_key(dep, root)
+    name = "/".join(Path(key).parts[-2:])
+    return MetaDataset(source=_dvc_source_class()(key), name=name, digest=digest or md5_path(full))
+
+
+def source_tags(stage: str, git: Mapping[str, str]) -> dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column, the run page's Source and Git
+    commit): the stage's script ``pipeline/<stage>.py``, type LOCAL (a script run on this machine,
+    by DVC or by hand), and the git commit when it is known."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    tags = {MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_SOURCE_NAME: f"pipeline/{stage.split('@')[0]}.py"}
+    if git.get("git_commit", "unknown") != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = git["git_commit"]
+    return tags
+
+
 @contextlib.contextmanager
 def tracked_run(
     run_name: str,
@@ -394,8 +471,13 @@ def tracked_run(
     tags: Mapping[str, str] | None = None,
     root: Path | None = None,
     run_id: str | None = None,
+    dataset_context: str | None = "training",
 ) -> Iterator[NullTracker]:
     """Open an MLflow run (or a NullTracker) and close it FINISHED / FAILED / KILLED.
+
+    Lineage in MLflow's own terms: the source tags (:func:`source_tags`) and, unless
+    ``dataset_context`` is None, each of ``data_deps`` as a dataset input of the run
+    (:func:`data_dataset`, tagged with that context); ``data_md5.<path>`` tags hold the same md5s.
 
     ``run_id`` continues an existing run (resume) instead of creating a new one; if the store no
     longer has it, a new run is created with a warning. An exception carrying ``run_status``
@@ -453,13 +535,16 @@ def tracked_run(
             ) from exc
         raise RnnlabError(f"MLflow tracking store {redact_uri(uri)} is unreachable: {exc}") from exc
     tracker = MlflowTracker(client, run_id, uri)
-    all_tags = {"dvc_stage": stage, "rnnlab.run_name": run_name, **git_info(root), **(tags or {})}
+    git = git_info(root)
+    all_tags = {"dvc_stage": stage, "rnnlab.run_name": run_name, **git, **source_tags(stage, git), **(tags or {})}
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run` (and its queue workers): which experiment this is
         all_tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-    for dep in data_deps or []:
-        key, full = _dep_key(dep, root)
-        all_tags[f"data_md5.{key}"] = md5_path(full)
+    digests = {dep: md5_path(_dep_key(dep, root)[1]) for dep in data_deps or []}
+    for dep, digest in digests.items():
+        all_tags[f"data_md5.{_dep_key(dep, root)[0]}"] = digest
     tracker.set_tags(all_tags)
+    if dataset_context:
+        tracker.log_datasets([data_dataset(dep, root, digest) for dep, digest in digests.items()], dataset_context)
     if params:
         flat = flatten(scrub(dict(params), root))
         changed = {

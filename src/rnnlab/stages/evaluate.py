@@ -71,11 +71,6 @@ def parse_evaluate_config(params: dict) -> EvaluateConfig:
     return parse_section(EvaluateConfig, section(params, "evaluate"), "evaluate")
 
 
-# A translator / captioner run's validation score (training metrics row): the registered models
-# get their versions in increasing order of it, so ``models:/rnnlab-translator/latest`` is the best.
-SELECT_KEYS = ("val_sacrebleu_best", "val_sacrebleu", "val_bleu4", "val_bleu")
-
-
 def _round(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4) if math.isfinite(value) else str(value)
@@ -171,6 +166,7 @@ def _score_language_models(
                 "corpus": run.corpus,
                 "model": run.model,
                 "char": run.char_level,
+                "training_row": row_in,
             }
         )
         entries += _score_eval_sets(lm, name, run, target, paths, cfg)
@@ -241,7 +237,6 @@ def _score_decoders(
             row["mlflow_run_id"] = row_in["mlflow_run_id"]
         beam_rows += [{"task": task.TASK, **r} for r in _beam_rows(result, name)]
         ckpt = model_dir / "model.ckpt" if (model_dir / "model.ckpt").exists() else model_dir
-        select = next((row_in[k] for k in SELECT_KEYS if isinstance(row_in.get(k), (int, float))), 0.0)
         entries.append(
             {
                 "task": task.TASK,
@@ -252,7 +247,7 @@ def _score_decoders(
                 "corpus": task.CORPUS,
                 "model": name,
                 "result": result,
-                "select": select,
+                "training_row": row_in,
             }
         )
     return entries
@@ -265,6 +260,39 @@ def _lm_sample(entry: dict, cfg: EvaluateConfig, seed: int) -> str:
     prompt = cfg.sample_prompt.capitalize() if entry["char"] else cfg.sample_prompt
     text = sample(load(entry["checkpoint"]), prompt, cfg.sample_tokens, 1.0, seed)
     return prompt + ("" if entry["char"] else " ") + text
+
+
+def register_models(entries: list[dict], eval_run_id: str, tracking_uri: str) -> dict[str, str]:
+    """Log and register every scored model (``rnnlab.serving.log_and_register``), then point each
+    registered name's alias ``champion`` at its best version of this evaluation by the training
+    rows' validation numbers (``rnnlab.serving.CHAMPION_CRITERIA``). Returns ``{run: "name/version"}``
+    and records it in each entry's row as ``registered_model``."""
+    from mlflow.tracking import MlflowClient
+
+    from rnnlab.serving import log_and_register, registered_name, set_champion
+
+    registered: dict[str, str] = {}
+    candidates: dict[str, tuple[str, dict[str, dict]]] = {}  # name -> (task, {version: training row})
+    for e in entries:
+        name = registered_name(e["task"], e["corpus"], e["model"])
+        config = {"char_level": e.get("char", False)} if e["task"] == "lm" else {}
+        info = log_and_register(
+            e["task"],
+            e["checkpoint"],
+            name,
+            eval_run_id,
+            tracking_uri,
+            model_config=config,
+            training_run_id=e["row"].get("mlflow_run_id"),
+            run_name=e["name"],
+        )
+        registered[e["name"]] = f"{name}/{info['version']}"
+        e["row"]["registered_model"] = registered[e["name"]]
+        candidates.setdefault(name, (e["task"], {}))[1][str(info["version"])] = e.get("training_row", {})
+    client = MlflowClient(tracking_uri)
+    for name, (task, versions) in candidates.items():
+        set_champion(client, name, task, versions)
+    return registered
 
 
 def evaluate_stage(
@@ -343,6 +371,7 @@ def evaluate_stage(
         enabled=tracking_enabled(params),
         params=asdict(cfg),
         data_deps=data_deps,
+        dataset_context=None,  # its deps are the training metrics rows, not data
         tags={"task": "evaluate", **{f"skipped.{k}": v for k, v in skipped.items()}},
     ) as tracker:
         eval_run_id = tracker.run_id
@@ -359,24 +388,7 @@ def evaluate_stage(
         if eval_run_id and cfg.register_models:
             # pyfunc models need the fluent API on a finished flush: log them after the queue is sent
             tracker.flush(force=True)
-            from rnnlab.serving import log_and_register, registered_name
-
-            # translators/captioners share one registered name: the best validation score goes last
-            for e in sorted(models, key=lambda e: (e["task"] != "lm", e.get("select", 0.0))):
-                name = registered_name(e["task"], e["corpus"], e["model"])
-                config = {"char_level": e.get("char", False)} if e["task"] == "lm" else {}
-                info = log_and_register(
-                    e["task"],
-                    e["checkpoint"],
-                    name,
-                    eval_run_id,
-                    default_tracking_uri(),
-                    model_config=config,
-                    training_run_id=e["row"].get("mlflow_run_id"),
-                    run_name=e["name"],
-                )
-                registered[e["name"]] = f"{name}/{info['version']}"
-                e["row"]["registered_model"] = registered[e["name"]]
+            registered = register_models(models, eval_run_id, default_tracking_uri())
     report = write_report(
         reports_dir, entries, skipped, samples, eval_run_id, registered, models_dir, list(extra_png_dirs)
     )
