@@ -1,7 +1,7 @@
 """Load test of a served rnnlab model: `mlflow models serve` under a bounded mix of good and malformed requests.
 
 Starts ``mlflow models serve`` for a registered model URI (``models:/rnnlab-lm-ptb-lstm/1``,
-``models:/rnnlab-translator/latest``, ``models:/rnnlab-captioner/1``) or a pyfunc model folder, on
+``models:/rnnlab-translator@champion``, ``models:/rnnlab-captioner/1``) or a pyfunc model folder, on
 127.0.0.1 only, a free port, ``--env-manager local`` (this venv) and ``--workers N`` when the MLflow
 version has that option. Then ``--clients`` threads on 127.0.0.1 each send ``--requests`` requests
 back to back (keep-alive connections), a fixed deterministic mix per cycle of 10:
@@ -22,7 +22,7 @@ malformed one a 4xx, 1 otherwise, 2 when the server did not start.
 
     export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db      # or --tracking-uri
     python benchmarks/serve_load.py models:/rnnlab-lm-ptb-lstm/1                 # 8 clients x 200 requests
-    python benchmarks/serve_load.py models:/rnnlab-translator/latest --clients 4 --requests 50 --workers 2
+    python benchmarks/serve_load.py models:/rnnlab-translator@champion --clients 4 --requests 50 --workers 2
     python benchmarks/serve_load.py models:/rnnlab-captioner/1 --image img.jpg   # default: a Flickr8k image
 
 The clients run on the same machine as the server: on a small machine they take CPU from it, so the
