@@ -69,3 +69,27 @@ def test_bad_evaluate_params_name_the_key():
         parse_evaluate_config({"evaluate": {"seq2seq_beam_sizes": [0]}})
     with pytest.raises(ConfigError, match="lm_bpt"):
         parse_evaluate_config({"evaluate": {"lm_bpt": 3}})
+
+
+def test_training_runs_carry_mlflow_lineage(lm_store):  # noqa: F811
+    """MLflow's own lineage fields (the UI's Dataset, Source and Models columns): each training run's
+    data dependencies as dataset inputs with the DVC md5 as digest, the source tags, and the
+    registered model version pointing back at the training run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(lm_store.uri)
+    trained = json.loads((lm_store.root / "data/metrics/train_lm/ptb-lstm.json").read_text())
+    run = client.get_run(trained["mlflow_run_id"])
+    md5_tags = {k.removeprefix("data_md5."): v for k, v in run.data.tags.items() if k.startswith("data_md5.")}
+    inputs = run.inputs.dataset_inputs
+    assert md5_tags and len(inputs) == len(md5_tags)
+    by_source = {json.loads(i.dataset.source)["path"]: i for i in inputs}
+    assert set(by_source) == set(md5_tags)  # one dataset per DVC dependency, named by its repo path
+    for path, item in by_source.items():
+        assert item.dataset.digest == md5_tags[path]
+        assert item.dataset.name == "/".join(path.split("/")[-2:])
+        assert {t.key: t.value for t in item.tags}.get("mlflow.data.context") == "training"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["mlflow.source.name"] == "pipeline/train_lm.py"
+    version = client.get_model_version("rnnlab-lm-ptb-lstm", "1")
+    assert version.run_id == trained["mlflow_run_id"]  # the model is linked to the run that trained it
