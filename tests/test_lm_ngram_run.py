@@ -45,7 +45,11 @@ def test_evaluate_reproduces_ngram_test_ppl(ngram_run, prepared_ptb):
 def test_generate_from_ngram_folder(ngram_run):
     _, out, _ = ngram_run
     text = generate_command(str(out), "the stock", 20, 1.0, 3)
-    assert len(text.split()) >= 15  # 20 tokens, a few may be <eos> line breaks
+    # Measured (counting and the seeded sampler are deterministic): 20 words after the prompt, no <eos>.
+    assert text == (
+        "to be identified said the union has an immediate their credit quality and provide needed displays to"
+        " improve until a"
+    )
     assert text == generate_command(str(out), "the stock", 20, 1.0, 3)  # seeded
     assert text != generate_command(str(out), "the stock", 20, 1.0, 4)
     samples = (out / "samples.txt").read_text()
