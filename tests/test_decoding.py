@@ -13,13 +13,7 @@ from rnnlab.decoding import beam_search, greedy_decode, length_penalty_factor
 BOS, EOS, A, B = 0, 1, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin-wait on each other: tiny ops get ~40x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for small ops
 
 
 class MarkovDecoder:

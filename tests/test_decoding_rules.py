@@ -17,12 +17,7 @@ WORDS = [4, 5, 6, 7]
 SPECIAL = {PAD, UNK, BOS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for small ops
 
 
 class SpecialLover:

@@ -26,13 +26,7 @@ from rnnlab.tasks.translation import RunConfig, TranslationTask, load, parse_run
 KINDS = ["bahdanau", "luong", "none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two OpenMP threads on a busy 2-core machine spin-wait on each other: tiny ops get ~40x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for small ops
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,18 @@ def run_stage(main: Callable[[], object]) -> None:
             record_imports(os.environ["RNNLAB_RECORD_IMPORTS"])
 
 
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """The decoding-output flags that translate and caption share (README "Decoding rules")."""
+    parser.add_argument("--allow-unk", action="store_true", help="let <unk> be emitted (never, by default)")
+    parser.add_argument(
+        "--attention",
+        default=None,
+        metavar="FILE",
+        help="also write the per-token attention weights to FILE (JSON; README 'Decoding rules')",
+    )
+    parser.add_argument("--plot", action="store_true", help="with --attention: a heatmap PNG beside FILE too")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rnnlab", description="rnnlab: recurrent sequence models pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,14 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         help="train_seq2seq model folder, model.ckpt or MLflow run id "
         "(default: data/models/seq2seq/multi30k-attention)",
     )
-    p_tr.add_argument("--allow-unk", action="store_true", help="let <unk> be emitted (never, by default)")
-    p_tr.add_argument(
-        "--attention",
-        default=None,
-        metavar="FILE",
-        help="also write the per-token attention weights to FILE (JSON; README 'Decoding rules')",
-    )
-    p_tr.add_argument("--plot", action="store_true", help="with --attention: a heatmap PNG beside FILE too")
+    _add_output_flags(p_tr)
     p_cap = sub.add_parser(
         "caption", help="caption an image file, or every image of a folder, with a train_captioner model"
     )
@@ -120,14 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         help="train_captioner model folder, model.ckpt or MLflow run id "
         "(default: data/models/captioner/flickr8k-soft_attention)",
     )
-    p_cap.add_argument("--allow-unk", action="store_true", help="let <unk> be emitted (never, by default)")
-    p_cap.add_argument(
-        "--attention",
-        default=None,
-        metavar="FILE",
-        help="also write the per-token attention weights to FILE (JSON; README 'Decoding rules')",
-    )
-    p_cap.add_argument("--plot", action="store_true", help="with --attention: a heatmap PNG beside FILE too")
+    _add_output_flags(p_cap)
     args = parser.parse_args(argv)
     if args.command in ("translate", "caption") and args.plot and not args.attention:
         parser.error("--plot needs --attention FILE")
