@@ -1,37 +1,32 @@
 """The n-gram's own lesson (issue 12): Kneser-Ney val/test perplexity and the share of test n-grams
-never seen in training, orders 1..N, on prepared LM corpora (README "Language models").
+never seen in training, orders 1..N, on prepared LM corpora (README "Why n must stay small").
 
     python scripts/ngram_orders.py [--prepared data/prepared] [--corpora ptb wikitext2] [--max-order 7]
 
-Prints one JSON line per corpus. Not yet a DVC stage (the study stage is where it belongs).
+Prints one JSON line per corpus: the same table the ``study`` stage writes (params
+``study.ngram_orders``; the defaults are :class:`rnnlab.study.ngram_orders.NgramOrdersConfig`'s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-import numpy as np
-
-from rnnlab.data.vocab import Vocab
-from rnnlab.study.ngram_orders import ngram_order_rows
+from rnnlab.study.ngram_orders import NgramOrdersConfig, corpus_order_table
 
 
 def main() -> None:
+    defaults = NgramOrdersConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--corpora", nargs="+", default=["ptb", "wikitext2"])
-    parser.add_argument("--max-order", type=int, default=7)
+    parser.add_argument("--corpora", nargs="+", default=defaults.corpora)
+    parser.add_argument("--max-order", type=int, default=defaults.max_order)
     args = parser.parse_args()
-    for corpus in args.corpora:
-        folder = args.prepared / corpus
-        vocab = Vocab.load(folder / "vocab.json")
-        start = time.perf_counter()
-        splits = [np.load(folder / f"{split}.npy") for split in ("train", "valid", "test")]
-        rows = ngram_order_rows(*splits, len(vocab), args.max_order)
-        print(json.dumps({"corpus": corpus, "wall_s": round(time.perf_counter() - start, 1), "rows": rows}))
+    cfg = NgramOrdersConfig(corpora=args.corpora, max_order=args.max_order)
+    cfg.validate("--")
+    for corpus, t in corpus_order_table(cfg, args.prepared, where="--").items():
+        print(json.dumps({"corpus": corpus, **t}))
 
 
 if __name__ == "__main__":

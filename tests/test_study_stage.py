@@ -1,5 +1,6 @@
 """The `study` stage on real PTB with a tiny profile: outputs exist, real values, the RNN's
-gradient decays faster with lag than the LSTM's, clipping bounds the update."""
+gradient decays faster with lag than the LSTM's, clipping bounds the update, and the n-gram
+order table (orders 1..3, as the tiny profile) has the measured perplexities and unseen shares."""
 
 import json
 
@@ -23,6 +24,7 @@ TINY = {
     },
     "long_lag": {"lags": [2, 20], "steps": 250, "hidden_size": 16},
     "clipping": {"steps": 40, "lr": 2.0, "hidden_size": 32, "batch_size": 16, "bptt": 20},
+    "ngram_orders": {"corpora": ["ptb"], "max_order": 3},  # as profiles/tiny.yaml
 }
 
 
@@ -36,7 +38,7 @@ def study(prepared_ptb, tmp_path_factory):
 
 def test_outputs_are_written(study):
     out, metrics = study
-    for name in ("gradient_flow", "long_lag", "clipping"):
+    for name in ("gradient_flow", "long_lag", "clipping", "ngram_orders"):
         assert json.loads((out / "plots" / f"{name}.json").read_text())
         assert (out / "pictures" / f"{name}.png").stat().st_size > 5000
     assert json.loads((out / "study.json").read_text()) == metrics
@@ -101,6 +103,33 @@ def test_long_lag_and_clipping_numbers(study):
         assert clip[run]["final_loss"] == pytest.approx(final_loss, rel=1e-4)
 
 
+def test_ngram_order_table_on_ptb(study):
+    out, metrics = study
+    # Measured on full PTB (10k words), the same figures as README "Why n must stay small":
+    # (val ppl, test ppl, share of test n-grams never seen in train) for orders 1, 2, 3.
+    measured = {1: (687.003, 639.297, 0.0), 2: (201.561, 186.794, 0.189181), 3: (161.773, 150.874, 0.578663)}
+    ptb = metrics["ngram_orders"]["ptb"]
+    for order, (val, test, unseen) in measured.items():
+        row = ptb[f"order_{order}"]
+        assert row["valid_ppl"] == pytest.approx(val, abs=2e-3), order
+        assert row["test_ppl"] == pytest.approx(test, abs=2e-3), order
+        assert row["test_unseen_share"] == pytest.approx(unseen, abs=2e-6), order
+    assert ptb["best_valid_order"] == 3
+    plot = json.loads((out / "plots" / "ngram_orders.json").read_text())
+    assert [r["order"] for r in plot] == [1, 2, 3]
+    assert plot[2]["ptb_test_ppl"] == ptb["order_3"]["test_ppl"]
+    assert set(plot[0]) == {"order", "ptb_valid_ppl", "ptb_test_ppl", "ptb_test_unseen_share"}
+    table = json.loads((out / "pictures" / "ngram_orders.json").read_text())  # the report's input
+    assert [r["test_ppl"] for r in table["ptb"]["rows"]] == [ptb[f"order_{k}"]["test_ppl"] for k in (1, 2, 3)]
+
+
+def test_ngram_orders_needs_prepared_corpora(prepared_ptb, tmp_path):
+    from rnnlab.study.ngram_orders import NgramOrdersConfig, corpus_order_table
+
+    with pytest.raises(ConfigError, match=r"study.ngram_orders.corpora: .*wikitext2/train.npy is missing"):
+        corpus_order_table(NgramOrdersConfig(corpora=["wikitext2"], max_order=1), prepared_ptb.parent)
+
+
 def test_bad_study_params_name_the_key():
     with pytest.raises(ConfigError, match=r"study.gradient_flow.models"):
         parse_study_config({**TINY, "gradient_flow": {"models": ["mlp"]}})
@@ -108,3 +137,8 @@ def test_bad_study_params_name_the_key():
         parse_study_config({**TINY, "long_lag": {"models": ["transformer"]}})
     with pytest.raises(ConfigError, match=r"study.gradient_flow.report_lag"):
         parse_study_config({**TINY, "gradient_flow": {"window": 10, "report_lag": 30}})
+    with pytest.raises(ConfigError, match=r"study.ngram_orders.max_order: expected an integer >= 1"):
+        parse_study_config({**TINY, "ngram_orders": {"max_order": 0}})
+    with pytest.raises(ConfigError, match=r"study.ngram_orders.order: unknown key"):
+        parse_study_config({**TINY, "ngram_orders": {"order": 3}})
+    assert parse_study_config({**TINY, "ngram_orders": {}}).ngram_orders.max_order == 7  # the one default

@@ -11,9 +11,12 @@ Three experiments, each on the CPU in a few tens of seconds with the default par
    same budget.
 3. **Exploding gradients**: the same small RNN trained on PTB with plain SGD at a large learning
    rate, once with and once without clipping; the pre-clip gradient norm of every step.
+4. **The n-gram's own lesson** (:mod:`rnnlab.study.ngram_orders`): Kneser-Ney val/test perplexity
+   and the share of unseen test n-grams for orders 1..``max_order`` on each listed corpus.
 
-Outputs: ``<plots>/{gradient_flow,long_lag,clipping}.json`` (DVC plots), PNGs in ``<pictures>``,
-``<metrics>`` (key numbers), one MLflow run with all of them.
+Outputs: ``<plots>/{gradient_flow,long_lag,clipping,ngram_orders}.json`` (DVC plots), PNGs in
+``<pictures>`` and the n-gram order table ``<pictures>/ngram_orders.json`` (the evaluate report's
+input), ``<metrics>`` (key numbers), one MLflow run with all of them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from rnnlab.errors import ConfigError
 from rnnlab.io import read_json, write_json
 from rnnlab.models.lm import LANGUAGE_MODELS, build_language_model
 from rnnlab.models.lm_parts import detach_state
+from rnnlab.study import ngram_orders
 from rnnlab.study.gradient_flow import decay_per_step, gradient_norm_by_lag, windows_from_stream
 from rnnlab.study.long_lag import fit_long_lag, set_forget_gate_bias, single_threaded
 
@@ -124,6 +128,7 @@ class StudyConfig:
     gradient_flow: GradientFlowConfig
     long_lag: LongLagConfig
     clipping: ClippingConfig
+    ngram_orders: ngram_orders.NgramOrdersConfig = field(default_factory=ngram_orders.NgramOrdersConfig)
     corpus: str = "ptb"
     experiment: str = "rnnlab-study"
 
@@ -366,15 +371,24 @@ def run_study(
             cfg.clipping, train_ids, vocab_size, seed, cfg.gradient_flow.embedding_size
         )
         timings["clipping_s"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    order_table = ngram_orders.corpus_order_table(cfg.ngram_orders, prepared_dir)
+    metrics["ngram_orders"] = ngram_orders.metrics(order_table)
+    timings["ngram_orders_s"] = round(time.perf_counter() - started, 1)
     metrics["wall_s"] = timings
     plots = {
         "gradient_flow": plots_dir / "gradient_flow.json",
         "long_lag": plots_dir / "long_lag.json",
         "clipping": plots_dir / "clipping.json",
+        "ngram_orders": plots_dir / "ngram_orders.json",
     }
     write_json(plots["gradient_flow"], grad_rows)
     write_json(plots["long_lag"], lag_rows)
     write_json(plots["clipping"], clip_rows)
+    write_json(plots["ngram_orders"], ngram_orders.plot_rows(order_table))
+    # The whole table next to the PNGs: data/study is what the evaluate stage reads for its report.
+    order_table_path = pictures_dir / "ngram_orders.json"
+    write_json(order_table_path, order_table)
     flow_series = [f"{m}_{p}" for m in cfg.gradient_flow.models for p in ("init", "trained")]
     pictures = [
         _plot(
@@ -405,6 +419,8 @@ def run_study(
             logy=True,
         ),
     ]
+    if order_table:
+        pictures.append(ngram_orders.picture(order_table, pictures_dir / "ngram_orders.png"))
     write_json(metrics_path, metrics)
     if tracker is not None:
         flat = {}
@@ -419,8 +435,12 @@ def run_study(
             for k, v in metrics["clipping"][name].items():
                 if isinstance(v, (int, float)):
                     flat[f"clipping/{name}/{k}"] = v
+        for corpus, t in order_table.items():
+            for row in t["rows"]:
+                for k in ngram_orders.NUMBERS:
+                    flat[f"ngram_orders/{corpus}/order_{row['order']}/{k}"] = row[k]
         tracker.log_metrics(flat)
-        for path in [*plots.values(), *pictures, metrics_path]:
+        for path in [*plots.values(), *pictures, order_table_path, metrics_path]:
             tracker.log_artifact(path, "study")
     log.info("study: %s", metrics)
     return metrics
