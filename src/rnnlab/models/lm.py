@@ -10,6 +10,17 @@ output (optionally tied to the embedding), as pytorch/examples word_language_mod
 - ``lstm_hand`` / ``lstm_peephole``: the hand-written LSTM cell with BPTT written out, without /
   with peepholes (:class:`rnnlab.models.lstm_cell.HandLSTM`), tested against ``nn.LSTM``.
 
+Output layer (``output``): ``full`` (default) is one linear layer and a softmax over the whole
+vocabulary, the cost that dominates a 10k-33k-word LM at hidden size 200. ``adaptive`` is
+``nn.AdaptiveLogSoftmaxWithLoss`` (Grave et al. 2017, "Efficient softmax approximation for GPUs"):
+the ids (frequency-ordered by :class:`rnnlab.data.vocab.Vocab`) below ``cutoffs[0]`` plus one token
+per tail cluster form the head; a rare word costs the head softmax plus its cluster's softmax
+through a smaller projection. It descends from Mikolov et al. 2011 ("Extensions of recurrent neural
+network language model", ICASSP): the class-based RNNLM factorises P(w | h) = P(class(w) | h)
+P(w | class(w), h) with classes by frequency binning. Training uses the cheap target-only loss;
+``forward`` returns the exact log-probabilities over the full vocabulary (``log_prob``: normalised,
+so softmax / cross-entropy / sampling on them are exact), so perplexity and generation are exact.
+
 ``mlp`` (Bengio et al. 2003) is feed-forward: its "state" is the last n-1 tokens, so it is its
 own module (:class:`rnnlab.models.mlp_lm.MLPLanguageModel`) on the same interface and init.
 
@@ -24,7 +35,13 @@ import torch
 from torch import nn
 
 from rnnlab.errors import ConfigError
-from rnnlab.models.lm_parts import check_lm_hparams, init_output_layer
+from rnnlab.models.lm_parts import (
+    INIT_RANGE,
+    OUTPUT_LAYERS,
+    check_adaptive_output,
+    check_lm_hparams,
+    init_output_layer,
+)
 from rnnlab.models.lstm_cell import HandLSTM
 from rnnlab.models.mlp_lm import MLPLanguageModel
 from rnnlab.models.rnn import ElmanRNN
@@ -56,6 +73,8 @@ class RecurrentLanguageModel(nn.Module):
         num_layers: int,
         dropout: float,
         tie_weights: bool = False,
+        output: str = "full",
+        cutoffs: list[int] | None = None,
     ):
         super().__init__()
         check_lm_hparams(embedding_size, hidden_size, num_layers, dropout, tie_weights)
@@ -69,11 +88,21 @@ class RecurrentLanguageModel(nn.Module):
             tie_weights=tie_weights,
         )
         self.core_name, self.hidden_size, self.num_layers = core, hidden_size, num_layers
+        self.adaptive = output == "adaptive"
         self.drop = nn.Dropout(dropout)
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         self.rnn = build_core(core, embedding_size, hidden_size, num_layers, dropout)
-        self.decoder = nn.Linear(hidden_size, vocab_size)  # the lecture's V (weight) and c (bias)
-        init_output_layer(self.embedding, self.decoder, tie_weights)
+        if self.adaptive:
+            cutoffs = check_adaptive_output(vocab_size, cutoffs, tie_weights)
+            self.hparams.update(output=output, cutoffs=cutoffs)
+            # div_value 4 (PyTorch's and Grave et al.'s): each tail cluster's projection is 4x narrower
+            self.decoder = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, cutoffs, div_value=4.0)
+            nn.init.uniform_(self.embedding.weight, -INIT_RANGE, INIT_RANGE)
+        elif output == "full":
+            self.decoder = nn.Linear(hidden_size, vocab_size)  # the lecture's V (weight) and c (bias)
+            init_output_layer(self.embedding, self.decoder, tie_weights)
+        else:
+            raise ConfigError(f"output: expected one of {list(OUTPUT_LAYERS)}, got {output!r}")
 
     @property
     def cell_type(self) -> str:
@@ -83,10 +112,14 @@ class RecurrentLanguageModel(nn.Module):
     # The lecture's names for the output layer: y(t) = V h(t) + c.
     @property
     def V(self) -> torch.Tensor:  # noqa: N802
+        if self.adaptive:
+            raise AttributeError("the adaptive output layer has no single V (head + tail clusters)")
         return self.decoder.weight
 
     @property
     def c(self) -> torch.Tensor:
+        if self.adaptive:
+            raise AttributeError("the adaptive output layer has no single c (head + tail clusters)")
         return self.decoder.bias
 
     @property
@@ -98,17 +131,30 @@ class RecurrentLanguageModel(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu"):
         zeros = torch.zeros(
-            self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.decoder.weight.dtype
+            self.num_layers, batch_size, self.hidden_size, device=device, dtype=self.embedding.weight.dtype
         )
         return (zeros, zeros.clone()) if self.cell_type == "lstm" else zeros
 
     def forward(self, tokens: torch.Tensor, state=None):
+        output, state = self._hidden(tokens, state)  # output: [seq, batch, hidden]
+        if self.adaptive:  # exact log-probabilities over the full vocabulary (they are logits too)
+            seq, batch, hidden = output.shape
+            return self.decoder.log_prob(output.reshape(seq * batch, hidden)).view(seq, batch, -1), state
+        return self.decoder(output), state  # logits: [seq, batch, vocab]
+
+    def _hidden(self, tokens: torch.Tensor, state):
         if state is None:
             state = self.init_state(tokens.size(1), tokens.device)
         emb = self.drop(self.embedding(tokens))  # [seq, batch, emb]
-        output, state = self.rnn(emb, state)  # output: [seq, batch, hidden]
-        logits = self.decoder(self.drop(output))  # [seq, batch, vocab]
-        return logits, state
+        output, state = self.rnn(emb, state)  # [seq, batch, hidden]
+        return self.drop(output), state
+
+    def adaptive_loss(self, tokens: torch.Tensor, targets: torch.Tensor, state=None):
+        """Adaptive output only: mean negative log-likelihood of ``targets`` [seq, batch] computed
+        from the head and the targets' clusters only (the training speed-up); equal to the mean of
+        ``-forward(...)`` gathered at the targets."""
+        output, state = self._hidden(tokens, state)
+        return self.decoder(output.reshape(-1, output.size(-1)), targets.reshape(-1)).loss, state
 
     @torch.no_grad()
     def copy_from_torch_lstm(self, lstm: nn.LSTM) -> None:

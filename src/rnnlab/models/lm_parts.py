@@ -11,6 +11,7 @@ from torch import nn
 from rnnlab.errors import ConfigError
 
 INIT_RANGE = 0.1  # pytorch/examples' uniform init, so results compare with its reference numbers
+OUTPUT_LAYERS = ("full", "adaptive")  # the recurrent LMs' output layer (rnnlab.models.lm)
 
 
 def check_lm_hparams(embedding_size: int, hidden_size: int, num_layers: int, dropout: float, tie_weights: bool):
@@ -22,6 +23,27 @@ def check_lm_hparams(embedding_size: int, hidden_size: int, num_layers: int, dro
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
     if tie_weights and embedding_size != hidden_size:
         raise ConfigError(f"tie_weights needs embedding_size == hidden_size, got {embedding_size} and {hidden_size}")
+
+
+def check_adaptive_output(vocab_size: int, cutoffs: list[int] | None, tie_weights: bool) -> list[int]:
+    """The adaptive softmax's cutoffs: increasing ids in [1, vocab_size - 1]; no weight tying
+    (the head and the tail projections have no single vocab x hidden matrix to share)."""
+    if tie_weights:
+        raise ConfigError("tie_weights needs output: full (the adaptive output has no single V to tie)")
+    ok = (
+        isinstance(cutoffs, (list, tuple))
+        and len(cutoffs) >= 1
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in cutoffs)
+        and list(cutoffs) == sorted(set(cutoffs))
+        and 0 < cutoffs[0]
+        and cutoffs[-1] <= vocab_size - 1
+    )
+    if not ok:
+        raise ConfigError(
+            f"cutoffs: expected increasing integers in [1, vocab size - 1 = {vocab_size - 1}] "
+            f"(the frequency ranks where the head and each tail cluster end), got {cutoffs!r}"
+        )
+    return list(cutoffs)
 
 
 def init_output_layer(embedding: nn.Embedding, output: nn.Linear, tie_weights: bool) -> None:

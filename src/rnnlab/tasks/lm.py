@@ -37,7 +37,7 @@ from rnnlab.data.vocab import Vocab, check_vocab
 from rnnlab.errors import ConfigError, RnnlabError, TrainingError
 from rnnlab.io import copy_file, read_json, write_json
 from rnnlab.metrics import bits_per_char, perplexity
-from rnnlab.models.lm import LANGUAGE_MODELS, build_language_model
+from rnnlab.models.lm import LANGUAGE_MODELS, RECURRENT_CORES, build_language_model
 from rnnlab.models.lm_parts import count_parameters, detach_state
 from rnnlab.resume import load_checkpoint_file
 from rnnlab.tasks.base import RunContext, StagePaths, TrainOutput
@@ -98,6 +98,10 @@ class RunConfig:
     num_layers: int = 2
     dropout: float = 0.2
     tie_weights: bool = False
+    # Output layer of the recurrent LMs (rnnlab.models.lm): full softmax, or the adaptive softmax
+    # (Grave et al. 2017) with head/tail boundaries at these frequency ranks; adaptive needs no tying.
+    output: Literal["full", "adaptive"] = "full"
+    cutoffs: list[int] = field(default_factory=lambda: [2000, 6000])
     model_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 20
     eval_batch_size: int = 10
@@ -128,6 +132,10 @@ class RunConfig:
             require(self.order >= 1, f"{where}.order", "an integer >= 1 (1 = unigram) or null", self.order)
         if self.discount is not None:
             require(0 < self.discount <= 1, f"{where}.discount", "a number in (0, 1] or null", self.discount)
+        if self.output == "adaptive" and self.model not in RECURRENT_CORES:
+            raise ConfigError(
+                f"{where}.output: adaptive is for the recurrent models {list(RECURRENT_CORES)}, not {self.model!r}"
+            )
         require(self.samples >= 0, f"{where}.samples", "an integer >= 0", self.samples)
         require(self.bptt >= 1, f"{where}.bptt", "an integer >= 1", self.bptt)
         require(self.batch_size >= 1, f"{where}.batch_size", "an integer >= 1", self.batch_size)
@@ -153,6 +161,8 @@ class RunConfig:
             dropout=self.dropout,
             tie_weights=self.tie_weights,
         )
+        if self.output != "full":  # the full softmax's hparams stay as they were (old checkpoints load)
+            hp.update(output=self.output, cutoffs=list(self.cutoffs))
         hp.update(self.model_options)
         return hp
 
@@ -212,7 +222,13 @@ class LanguageModelTask(pl.LightningModule):
 
     def _step(self, batch, key: str):
         tokens, targets = batch  # [seq, batch] each
-        logits, state = self.model(tokens, self._carried(key, tokens.size(1)))
+        state = self._carried(key, tokens.size(1))
+        if key == "train" and getattr(self.model, "adaptive", False):
+            # the adaptive softmax's cheap target-only loss; evaluation below scores the full vocabulary
+            loss, state = self.model.adaptive_loss(tokens, targets, state)
+            self._state[key] = (tokens.size(1), state)
+            return loss, targets.numel()
+        logits, state = self.model(tokens, state)
         self._state[key] = (tokens.size(1), state)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
         return loss, targets.numel()
