@@ -97,7 +97,10 @@ class RecurrentLanguageModel(nn.Module):
             self.hparams.update(output=output, cutoffs=cutoffs)
             # div_value 4 (PyTorch's and Grave et al.'s): each tail cluster's projection is 4x narrower
             self.decoder = nn.AdaptiveLogSoftmaxWithLoss(hidden_size, vocab_size, cutoffs, div_value=4.0)
-            nn.init.uniform_(self.embedding.weight, -INIT_RANGE, INIT_RANGE)
+            # the full layer's init for every weight (head, tail projections and outputs): PyTorch's
+            # kaiming default is ~3x larger at width 200 and made SGD lr 20 blow up in its first steps
+            for weight in (self.embedding.weight, *self.decoder.parameters()):
+                nn.init.uniform_(weight, -INIT_RANGE, INIT_RANGE)
         elif output == "full":
             self.decoder = nn.Linear(hidden_size, vocab_size)  # the lecture's V (weight) and c (bias)
             init_output_layer(self.embedding, self.decoder, tie_weights)
