@@ -26,8 +26,11 @@ pipeline: venv
 	dvc metrics show
 
 ## Run the test suite (unit, data, model and pipeline tests on the real corpora mirror).
+## TEST_WORKERS processes (pytest-xdist; default: one per core), a test file's tests in one process so
+## its module fixtures (one tiny `dvc repro`) are built once; TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= auto
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## Lint and format check (what CI runs first); `pre-commit install` runs the same on every commit.
 lint: venv
@@ -37,7 +40,7 @@ lint: venv
 ## Browse MLflow runs on http://127.0.0.1:$(UI_PORT) (the repo's store, or $$MLFLOW_TRACKING_URI)
 UI_PORT ?= 5000
 ui: venv
-	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(UI_PORT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" --host 127.0.0.1 --port $(UI_PORT)
 
 metrics: venv
 	dvc metrics show

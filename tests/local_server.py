@@ -33,6 +33,10 @@ def local_service(
 ):
     """Yield ``(base_url, proc)`` for ``cmd`` (its ``{port}`` placeholders filled with a free port)
     once ``base_url + health`` answers 200; the service's output goes to ``log_path``."""
+    # MLflow's background job runner (GenAI scorers: 6-10 worker processes per server) is of no use
+    # here and costs a shared machine's cores.
+    env = {**(os.environ if env is None else env)}
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     port = free_port()
     cmd = [part.replace("{port}", str(port)) for part in cmd]
     base = f"http://127.0.0.1:{port}"
