@@ -30,6 +30,7 @@ from rnnlab.tasks.captioning import (
     caption_images,
     encoder_tail,
     load,
+    parse_run,
     prefix_cache,
     score,
 )
@@ -214,3 +215,12 @@ def test_finetuned_run_saves_and_serves_its_own_encoder_blocks(features, subset,
     # With ImageNet's blocks instead of the fine-tuned ones the same decoder scores differently.
     task.encoder_tail.load_state_dict(pretrained)
     assert task.caption(torch.from_numpy(cache).float(), beam_size=1).scores != pytest.approx(expected.scores, abs=1e-6)
+
+
+def test_bad_finetune_keys_name_the_key(features, subset, flickr, tmp_path):
+    with pytest.raises(ConfigError, match=r"train_captioner\.finetune_blocks.*-2"):
+        parse_run({"finetune_blocks": -2})
+    with pytest.raises(ConfigError, match=r"train_captioner\.encoder_lr"):
+        parse_run({"encoder_lr": 0})
+    with pytest.raises(ConfigError, match=r"runs\.run\.finetune_blocks: .*efficientnet_lite0 has 18 blocks"):
+        _train({"finetune_blocks": 19, "coco_metrics": False}, subset, features, tmp_path, flickr.parent)

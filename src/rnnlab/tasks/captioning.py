@@ -889,7 +889,10 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     prefix_seconds, tail_weights, feature_size = None, None, None
     if run.finetune_blocks:  # the same images as the frozen cache, through the frozen prefix only
         prefix_start = time.perf_counter()
-        prefix = prefix_cache(run.encoder, run.finetune_blocks, image_dir, sorted(set(captions["image"])))
+        try:
+            prefix = prefix_cache(run.encoder, run.finetune_blocks, image_dir, sorted(set(captions["image"])))
+        except ConfigError as exc:  # e.g. more blocks than the encoder has: name the key
+            raise ConfigError(f"{ctx.where}.finetune_blocks: {exc}") from exc
         prefix_seconds = round(time.perf_counter() - prefix_start, 1)
         pretrained = encoder_tail(run.encoder, run.finetune_blocks, pretrained=True)
         tail_weights, feature_size = pretrained.state_dict(), pretrained.out_channels
