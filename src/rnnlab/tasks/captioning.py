@@ -9,6 +9,12 @@ dev split; the train loader resumes mid-epoch after a kill. Then the test images
 freely (greedy = beam 1, and beam search) and scored (:func:`evaluate`): corpus BLEU-1..4 and
 sacreBLEU (:mod:`rnnlab.metrics`), captions/s; the PNG grids are drawn (:mod:`rnnlab.plots`).
 
+Fine-tuning (``finetune_blocks``, README "Fine-tuning the encoder"): the encoder's last N blocks
+(:class:`rnnlab.models.image_encoder.EncoderTail`) are part of the LightningModule, train from the
+ImageNet weights at ``encoder_lr`` and are saved in its checkpoint; the batches then carry the frozen
+prefix's maps (one pass over the images at the start of the run, :func:`prefix_cache`) instead of
+the feature cache's, and :meth:`CaptioningTask.encode` runs the tail before the decoder.
+
 Loss (:class:`CaptioningTask`): token-level cross-entropy over the non-pad target tokens, plus
 ``alpha_c`` times the doubly stochastic attention penalty for the soft-attention decoder. Logged:
 ``train/loss`` (the optimised total), ``train/ce``, ``val/loss`` (token-weighted cross-entropy over
@@ -871,7 +877,8 @@ def _draw_grids(
 
 
 def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
-    """Train one decoder on the cached features, keep the best ``val/loss`` weights, score them on
+    """Train one decoder on the cached features (``finetune_blocks``: with the encoder's last blocks,
+    on the frozen prefix's maps), keep the best ``val/loss`` weights, score them on
     the test images and write the model folder ``ctx.out_dir`` (writer only)."""
     started = time.perf_counter()
     paths = ctx.paths
