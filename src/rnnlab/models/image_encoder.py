@@ -21,6 +21,10 @@ Names (``build_image_encoder``):
 - ``small_cnn``: five stride-2 conv-BN-ReLU blocks (256 channels), trained from scratch; only
   useful when the encoder is fine-tuned end to end (frozen random features carry little).
 
+Fine-tuning (train_captioner ``finetune_blocks``): :func:`encoder_blocks` lists an encoder's
+blocks, :func:`split_encoder` cuts it into a frozen prefix (an ``ImageEncoder``) and a trainable
+:class:`EncoderTail` of its last N blocks, which reads the prefix's maps in the cache's layout.
+
 Weights are always read with ``torch.load(..., weights_only=True)`` (no pickle code execution).
 """
 
