@@ -293,3 +293,35 @@ def extract_features(
         "images_per_s": round(len(names) / seconds, 2),
         "shape": [len(kept), positions, channels],
     }
+
+
+def encode_images(
+    encoder: ImageEncoder,
+    image_dir: str | Path,
+    names: Sequence[str],
+    batch_size: int = 16,
+    num_workers: int = 1,
+    fast: bool = True,
+) -> tuple[np.ndarray, list[str], list[tuple[str, str]]]:
+    """In memory, what :func:`extract_features` writes to disk: (float16 maps [kept, positions,
+    channels], kept names, (name, reason) per image that did not decode), for any encoder,
+    e.g. the frozen prefix of a fine-tuned one (:func:`rnnlab.models.image_encoder.split_encoder`),
+    by the same fast path and the same float16 rounding as the feature cache."""
+    names = list(names)
+    if not names:
+        raise DataError(f"{image_dir}: no images to encode")
+    net = optimize_for_inference(encoder) if fast else encoder.eval()
+    rows: list[np.ndarray] = []
+    kept: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for index, images, reasons in iterate_image_batches(image_dir, names, batch_size, num_workers):
+        feats = encode_batch(net, images, channels_last=fast).numpy().astype(np.float16)  # [batch, P, C]
+        for j, (i, reason) in enumerate(zip(index.tolist(), reasons)):
+            if reason:
+                problems.append((names[i], reason))
+            else:
+                rows.append(feats[j])
+                kept.append(names[i])
+    if not kept:
+        raise DataError(f"{image_dir}: none of the {len(names)} images could be decoded")
+    return np.stack(rows), kept, problems

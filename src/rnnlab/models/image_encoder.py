@@ -21,11 +21,17 @@ Names (``build_image_encoder``):
 - ``small_cnn``: five stride-2 conv-BN-ReLU blocks (256 channels), trained from scratch; only
   useful when the encoder is fine-tuned end to end (frozen random features carry little).
 
+Fine-tuning (train_captioner ``finetune_blocks``): :func:`encoder_blocks` lists an encoder's
+blocks, :func:`split_encoder` cuts it into a frozen prefix (an ``ImageEncoder``) and a trainable
+:class:`EncoderTail` of its last N blocks, which reads the prefix's maps in the cache's layout.
+
 Weights are always read with ``torch.load(..., weights_only=True)`` (no pickle code execution).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -173,3 +179,112 @@ def build_image_encoder(name: str, weights_path: str | Path | None = None, pretr
     else:
         raise ConfigError(f"unknown image encoder {name!r}; valid names: {list(ENCODER_NAMES)}")
     return encoder.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning the last blocks (train_captioner finetune_blocks)
+# --------------------------------------------------------------------------------------------
+class _Chain(nn.Module):
+    """``modules`` applied in order (EfficientNet's stem and head: conv, BN, activation).
+
+    Unlike ``nn.Sequential`` over the same objects it adds no index prefix of its own to the
+    modules' names; their order (conv before BN) is what :func:`rnnlab.features.fold_batchnorm`
+    relies on."""
+
+    def __init__(self, *modules: nn.Module):
+        super().__init__()
+        self.parts = nn.ModuleList(modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            x = part(x)
+        return x
+
+
+class _MBBlock(nn.Module):
+    """One EfficientNet MBConv block with the drop-connect rate ``extract_features`` gives it."""
+
+    def __init__(self, block: nn.Module, drop_connect_rate: float):
+        super().__init__()
+        self.block = block
+        self.drop_connect_rate = drop_connect_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, drop_connect_rate=self.drop_connect_rate)
+
+
+def encoder_blocks(encoder: ImageEncoder) -> list[nn.Module]:
+    """``encoder.body`` as its blocks, in order: applied one after the other they compute the body.
+
+    The blocks are the encoder's own modules (shared, not copied), so loading weights into a block
+    changes the encoder. efficientnet_lite0: the stem, its 16 MBConv blocks and the head conv
+    (1x1, 320 -> 1280) = 18; resnet18 / resnet50: the stem (conv, BN, ReLU, max-pool) and every
+    residual block = 9 / 17; small_cnn: its 5 conv-BN-ReLU blocks."""
+    body = encoder.body
+    if encoder.name == "efficientnet_lite0":
+        net = body.net
+        rate = net._global_params.drop_connect_rate or 0.0
+        n = len(net._blocks)
+        return [
+            _Chain(net._conv_stem, net._bn0, net._swish),
+            *(_MBBlock(block, rate * i / n) for i, block in enumerate(net._blocks)),
+            _Chain(net._conv_head, net._bn1, net._swish),
+        ]
+    if encoder.name in ("resnet18", "resnet50"):
+        stem, layers = list(body.children())[:4], list(body.children())[4:]
+        return [_Chain(*stem), *(block for layer in layers for block in layer.children())]
+    if encoder.name == "small_cnn":
+        layers = list(body.children())
+        return [_Chain(*layers[i : i + 3]) for i in range(0, len(layers), 3)]
+    raise ConfigError(f"encoder {encoder.name!r} has no block list for fine-tuning")
+
+
+class EncoderTail(nn.Module):
+    """The trainable last blocks of an encoder, on the cached output of its frozen prefix.
+
+    Input: prefix maps flattened like the feature cache, ``[images, positions, channels]`` (a
+    square grid, row-major); output: the encoder's features ``[images, 49, out_channels]``.
+    The tail stays in inference mode even while the captioner trains: BatchNorm keeps its ImageNet
+    running statistics (a batch of 32 images is a poor estimate of them, and moving them would
+    make the tail disagree with the frozen prefix it was trained with) and drop-connect is off;
+    the weights and BN's affine parameters still train."""
+
+    def __init__(self, blocks: Sequence[nn.Module], out_channels: int):
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.out_channels = int(out_channels)
+
+    def train(self, mode: bool = True) -> EncoderTail:
+        return super().train(False)  # see the class docstring
+
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        images, positions, channels = prefix.shape
+        side = math.isqrt(positions)
+        if side * side != positions:
+            raise ValueError(f"prefix maps have {positions} positions, not a square grid")
+        x = prefix.view(images, side, side, channels).permute(0, 3, 1, 2)  # [images, C', side, side]
+        maps = self.blocks(x)  # [images, C, 7, 7]
+        return maps.permute(0, 2, 3, 1).reshape(images, -1, maps.size(1))  # [images, 49, C]
+
+
+def split_encoder(encoder: ImageEncoder, finetune_blocks: int) -> tuple[ImageEncoder, EncoderTail]:
+    """(frozen prefix, trainable tail): the encoder without its last ``finetune_blocks`` blocks
+    (an :class:`ImageEncoder` with the same normalisation, whose output the tail reads) and those
+    blocks; ``-1``: all of them (the prefix is the identity: the tail reads normalised images)."""
+    blocks = encoder_blocks(encoder)
+    n = len(blocks) if finetune_blocks == -1 else finetune_blocks
+    if not 1 <= n <= len(blocks):
+        raise ConfigError(
+            f"finetune_blocks {finetune_blocks}: encoder {encoder.name} has {len(blocks)} blocks "
+            f"(use 1..{len(blocks)}, or -1 for all)"
+        )
+    head = blocks[: len(blocks) - n]
+    prefix_body = nn.Sequential(*head) if head else nn.Identity()
+    with torch.no_grad():
+        channels = prefix_body.eval()(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).size(1)
+    prefix = ImageEncoder(
+        f"{encoder.name}[:-{n}]", prefix_body, channels, encoder.mean.flatten().tolist(), encoder.std.flatten().tolist()
+    )
+    for p in prefix.parameters():
+        p.requires_grad_(False)
+    return prefix.eval(), EncoderTail(blocks[len(blocks) - n :], encoder.out_channels)

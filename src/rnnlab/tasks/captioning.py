@@ -9,6 +9,12 @@ dev split; the train loader resumes mid-epoch after a kill. Then the test images
 freely (greedy = beam 1, and beam search) and scored (:func:`evaluate`): corpus BLEU-1..4 and
 sacreBLEU (:mod:`rnnlab.metrics`), captions/s; the PNG grids are drawn (:mod:`rnnlab.plots`).
 
+Fine-tuning (``finetune_blocks``, README "Fine-tuning the encoder"): the encoder's last N blocks
+(:class:`rnnlab.models.image_encoder.EncoderTail`) are part of the LightningModule, train from the
+ImageNet weights at ``encoder_lr`` and are saved in its checkpoint; the batches then carry the frozen
+prefix's maps (one pass over the images at the start of the run, :func:`prefix_cache`) instead of
+the feature cache's, and :meth:`CaptioningTask.encode` runs the tail before the decoder.
+
 Loss (:class:`CaptioningTask`): token-level cross-entropy over the non-pad target tokens, plus
 ``alpha_c`` times the doubly stochastic attention penalty for the soft-attention decoder. Logged:
 ``train/loss`` (the optimised total), ``train/ce``, ``val/loss`` (token-weighted cross-entropy over
@@ -53,7 +59,7 @@ from rnnlab.errors import ConfigError, DataError, RnnlabError, TrainingError
 from rnnlab.io import atomic_path, read_json, write_json
 from rnnlab.metrics import corpus_bleu, decode_name, perplexity, sacrebleu_standard
 from rnnlab.models.captioner import build_captioner, incremental_decoder
-from rnnlab.models.image_encoder import ENCODER_NAMES
+from rnnlab.models.image_encoder import ENCODER_NAMES, EncoderTail, build_image_encoder, split_encoder
 from rnnlab.resume import load_checkpoint_file
 from rnnlab.tasks.base import RunContext, StagePaths, TrainOutput
 from rnnlab.training import FitSpec, fit, load_best_weights, save_model_checkpoint
@@ -92,6 +98,13 @@ class RunConfig:
         training (null: none; results then depend on the machine).  limit_train_batches:
         fraction (float) or number (int) of train batches per epoch (smoke runs).
     alpha_c: weight of the doubly stochastic attention penalty (soft_attention only).
+    finetune_blocks: 0 (default): the encoder stays frozen and the decoder reads the feature
+        cache. N >= 1: the encoder's last N blocks (:func:`rnnlab.models.image_encoder.encoder_blocks`,
+        18 for efficientnet_lite0, the last being its 1x1 head conv) train jointly with the decoder;
+        -1: all of them. The frozen prefix runs once over the run's images at its start (kept in
+        memory, float16, the cache's layout), so each step runs only the last N blocks + decoder.
+    encoder_lr: Adam learning rate of the fine-tuned blocks (their own param group), below ``lr`` so
+        the ImageNet features are adjusted rather than overwritten (Xu et al.'s code: 1e-4 vs 4e-4).
     min_freq: a train-split word needs this many occurrences to enter the vocabulary.
     max_len: captions are cut to this many words for training; decoding stops after max_len
         words (+ <eos>).
@@ -119,6 +132,8 @@ class RunConfig:
     max_time_minutes: float | None = None
     limit_train_batches: int | float = 1.0
     alpha_c: float = 1.0
+    finetune_blocks: int = 0
+    encoder_lr: float = 1e-4
     min_freq: int = 5
     max_len: int = 30
     beam_sizes: list[int] = field(default_factory=lambda: [1, 3, 5])
@@ -146,6 +161,13 @@ class RunConfig:
         require(0.0 <= self.dropout < 1.0, f"{where}.dropout", "a number in [0, 1)", self.dropout)
         require(self.lr > 0, f"{where}.lr", "a number > 0", self.lr)
         require(self.alpha_c >= 0, f"{where}.alpha_c", "a number >= 0", self.alpha_c)
+        require(
+            self.finetune_blocks >= -1,
+            f"{where}.finetune_blocks",
+            "an integer >= 1, 0 (frozen) or -1 (all)",
+            self.finetune_blocks,
+        )
+        require(self.encoder_lr > 0, f"{where}.encoder_lr", "a number > 0", self.encoder_lr)
         require(
             self.gradient_clip_val is None or self.gradient_clip_val > 0,
             f"{where}.gradient_clip_val",
@@ -230,6 +252,8 @@ class CaptioningTask(pl.LightningModule):
         length_norm: str = _D.length_norm,
         block_ngram_repeat: int = _D.block_ngram_repeat,
         allow_unk: bool = _D.allow_unk,
+        finetune_blocks: int = _D.finetune_blocks,
+        encoder_lr: float = _D.encoder_lr,
         tokenizer: dict | None = None,
         vocab_fingerprint: str = "",
         vocab: Vocab | None = None,
@@ -256,13 +280,21 @@ class CaptioningTask(pl.LightningModule):
             dropout=dropout,
             pad_id=Vocab.pad_id,
         )
+        # Fine-tuning: the encoder's trainable last blocks (None: frozen, the batches carry the final
+        # features). Built from the architecture; train() loads the ImageNet weights, load() the checkpoint's.
+        self.encoder_tail = encoder_tail(encoder, finetune_blocks) if finetune_blocks else None
         self.vocab = vocab
         self.tokenizer = build_tokenizer(tokenizer) if tokenizer else WordTokenizer(lowercase=True)
         self._val_sums = [0.0, 0]
 
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Decoder input [images, 49, C] from the run's cached maps: the cached features themselves
+        (frozen encoder), or the fine-tuned tail's output on the cached prefix maps."""
+        return features if self.encoder_tail is None else self.encoder_tail(features)
+
     # -- loss ------------------------------------------------------------------------------
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
-        out = self.model(batch.features, batch.inputs, batch.image_index)
+        out = self.model(self.encode(batch.features), batch.inputs, batch.image_index)
         mask = batch.inputs != Vocab.pad_id  # inputs and targets share the padding
         targets = batch.targets[mask]  # [real steps]
         ce = F.cross_entropy(out.logits.float(), targets)
@@ -294,7 +326,13 @@ class CaptioningTask(pl.LightningModule):
         self.log("val/ppl", perplexity(loss))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr)
+        if self.encoder_tail is None:
+            return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr)
+        groups = [
+            {"params": list(self.model.parameters()), "lr": self.hparams.lr},
+            {"params": list(self.encoder_tail.parameters()), "lr": self.hparams.encoder_lr},  # lower: ImageNet init
+        ]
+        return torch.optim.Adam(groups, lr=self.hparams.lr)
 
     # -- checkpoint ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -334,7 +372,7 @@ class CaptioningTask(pl.LightningModule):
         tokens, scores, attention = [], [], [] if return_attention else None
         try:
             for start in range(0, features.size(0), batch_size):
-                chunk = features[start : start + batch_size].to(self.device, torch.float32)
+                chunk = self.encode(features[start : start + batch_size].to(self.device, torch.float32))
                 stepper, state = incremental_decoder(self.model, chunk)
                 common = dict(
                     batch_size=chunk.size(0),
@@ -355,6 +393,45 @@ class CaptioningTask(pl.LightningModule):
         finally:
             self.train(was_training)
         return Captions(tokens, scores, attention)
+
+
+def encoder_tail(encoder: str, finetune_blocks: int, pretrained: bool = False) -> EncoderTail:
+    """The last ``finetune_blocks`` blocks of encoder ``encoder`` (random weights unless ``pretrained``).
+
+    Built under a forked RNG: a fine-tuned run's decoder starts from the same weights, and sees its
+    batches in the same order, as the frozen run with the same seed."""
+    with torch.random.fork_rng(devices=[]):
+        return split_encoder(build_image_encoder(encoder, pretrained=pretrained), finetune_blocks)[1]
+
+
+def prefix_cache(
+    encoder: str, finetune_blocks: int, image_dir: str | Path, names: Sequence[str]
+) -> tuple[np.ndarray, dict]:
+    """The frozen prefix's maps of ``names`` (in memory, the feature cache's layout, float16) and an
+    index like the cache's (encoder, names kept, problems), for a run with ``finetune_blocks``."""
+    from rnnlab.features import encode_images
+
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: Flickr8k image folder missing; fine-tuning the encoder reads the images")
+    with torch.random.fork_rng(devices=[]):
+        prefix, _ = split_encoder(build_image_encoder(encoder), finetune_blocks)
+    start = time.perf_counter()
+    array, kept, problems = encode_images(prefix, image_dir, names)
+    log.info(
+        "encoder prefix %s: %d images -> %s float16 in %.1f s",
+        prefix.name,
+        len(kept),
+        tuple(array.shape),
+        time.perf_counter() - start,
+    )
+    index = {
+        "encoder": encoder,
+        "prefix": prefix.name,
+        "names": kept,
+        "problems": [{"image": n, "reason": r} for n, r in problems],
+    }
+    return array, index
 
 
 def load(path: str | Path, map_location: str = "cpu") -> CaptioningTask:
@@ -479,7 +556,8 @@ def score(
 
     The decoder, vocabulary and tokenizer come from ``folder/model.ckpt``; the decoding settings
     (length penalty, batch size) from ``folder/run.json``; the images' features from the cache
-    ``paths.features`` and their references from ``paths.prepared/flickr8k/captions.parquet``.
+    ``paths.features`` (a fine-tuned model: its frozen prefix over the images in ``paths.raw``, then
+    its own fine-tuned blocks) and their references from ``paths.prepared/flickr8k/captions.parquet``.
     With the same beam sizes the numbers equal those :func:`train` reported (decoding is
     deterministic on CPU). ``limit``: the first N images of ``split`` only (smoke tests).
     Returns ``{setting: {bleu1..4, sacrebleu, ...}, "params": the run's config}``."""
@@ -502,6 +580,10 @@ def score(
     if limit is not None:
         keep = sorted(set(captions.loc[captions["split"] == split, "image"]))[:limit]
         captions = captions[(captions["split"] != split) | captions["image"].isin(keep)].reset_index(drop=True)
+    finetune = module.hparams.get("finetune_blocks", 0)
+    if finetune:  # its own last blocks (in the checkpoint) read the frozen prefix's maps of the images
+        names = sorted(set(captions.loc[captions["split"] == split, "image"]))
+        features = prefix_cache(module.hparams.encoder, finetune, Path(paths.raw) / CORPUS / "images", names)
     settings = run["eval"]
     data = CaptionDataModule(
         captions,
@@ -541,16 +623,18 @@ class ImageCaptioner:
 
     The checkpoint names its encoder (``hparams.encoder``); images are squashed to 224x224,
     encoded by the same fast path as the feature cache and rounded through float16 like the cache,
-    so a new image is seen exactly as the training images were."""
+    so a new image is seen exactly as the training images were. A fine-tuned checkpoint carries its
+    last blocks: here only the frozen prefix runs (and is rounded like the prefix cache it trained on)."""
 
     def __init__(self, folder: str | Path, encoder_weights: str | Path | None = None):
         from rnnlab.data.images import image_transform
         from rnnlab.features import optimize_for_inference
-        from rnnlab.models.image_encoder import build_image_encoder
 
         self.module = load(folder)
         encoder = build_image_encoder(self.module.hparams.encoder, encoder_weights)
-        self.fast = optimize_for_inference(encoder)
+        finetune = self.module.hparams.get("finetune_blocks", 0)
+        # Fine-tuned: the frozen prefix runs here, the checkpoint's own last blocks in module.encode.
+        self.fast = optimize_for_inference(split_encoder(encoder, finetune)[0] if finetune else encoder)
         self.transform = image_transform(encoder.mean.flatten().tolist(), encoder.std.flatten().tolist())
 
     def features(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -793,7 +877,8 @@ def _draw_grids(
 
 
 def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
-    """Train one decoder on the cached features, keep the best ``val/loss`` weights, score them on
+    """Train one decoder on the cached features (``finetune_blocks``: with the encoder's last blocks,
+    on the frozen prefix's maps), keep the best ``val/loss`` weights, score them on
     the test images and write the model folder ``ctx.out_dir`` (writer only)."""
     started = time.perf_counter()
     paths = ctx.paths
@@ -802,6 +887,22 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     captions, left_out = captions_with_features(read_prepared_captions(paths.prepared, CORPUS), index)
     image_dir = Path(paths.raw) / CORPUS / "images"
 
+    cache_encoder = index.get("encoder")
+    if cache_encoder != run.encoder:
+        raise ConfigError(
+            f"{ctx.where}.encoder is {run.encoder!r} but the feature cache {features_dir} was made with "
+            f"{cache_encoder!r}; re-extract features or fix the param"
+        )
+    prefix_seconds, tail_weights, feature_size = None, None, None
+    if run.finetune_blocks:  # the same images as the frozen cache, through the frozen prefix only
+        prefix_start = time.perf_counter()
+        try:
+            prefix = prefix_cache(run.encoder, run.finetune_blocks, image_dir, sorted(set(captions["image"])))
+        except ConfigError as exc:  # e.g. more blocks than the encoder has: name the key
+            raise ConfigError(f"{ctx.where}.finetune_blocks: {exc}") from exc
+        prefix_seconds = round(time.perf_counter() - prefix_start, 1)
+        pretrained = encoder_tail(run.encoder, run.finetune_blocks, pretrained=True)
+        tail_weights, feature_size = pretrained.state_dict(), pretrained.out_channels
     data = CaptionDataModule(
         captions,
         features_dir / FEATURES_FILE,
@@ -810,19 +911,14 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         eval_batch_size=run.eval_batch_size,
         min_freq=run.min_freq,
         max_len=run.max_len,
+        features=prefix if run.finetune_blocks else None,
     )
     data.setup()
-    cache_encoder = data.feature_index.get("encoder")
-    if cache_encoder != run.encoder:
-        raise ConfigError(
-            f"{ctx.where}.encoder is {run.encoder!r} but the feature cache {features_dir} was made with "
-            f"{cache_encoder!r}; re-extract features or fix the param"
-        )
     vocab = data.vocab
     module = CaptioningTask(
         decoder=run.decoder,
         vocab_size=len(vocab),
-        feature_size=int(data.features.shape[2]),
+        feature_size=feature_size or int(data.features.shape[2]),
         embedding_size=run.embedding_size,
         hidden_size=run.hidden_size,
         attention_size=run.attention_size,
@@ -835,10 +931,14 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         length_norm=run.length_norm,
         block_ngram_repeat=run.block_ngram_repeat,
         allow_unk=run.allow_unk,
+        finetune_blocks=run.finetune_blocks,
+        encoder_lr=run.encoder_lr,
         tokenizer=data.tokenizer.to_dict(),
         vocab_fingerprint=vocab.fingerprint(),
         vocab=vocab,
     )
+    if tail_weights is not None:
+        module.encoder_tail.load_state_dict(tail_weights)  # fine-tuning starts from ImageNet
     spec = FitSpec(
         max_epochs=run.max_epochs,
         monitor="val/loss",
@@ -904,6 +1004,8 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         "best_val_loss": round(best_val, 5) if best_val is not None else None,
         "best_val_ppl": round(perplexity(best_val), 3) if best_val is not None else None,
         "train_seconds": round(result.wall_s, 1),
+        # fine-tuning: the frozen prefix's one pass over the images (not in train_seconds)
+        **({"prefix_cache_seconds": prefix_seconds} if run.finetune_blocks else {}),
         "eval_seconds": round(eval_seconds, 1),
         "train_tokens_per_s": round(result.history.tokens_per_second, 1),
         "test": test,
@@ -934,6 +1036,7 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         "epochs": details["epochs"],
         "steps": details["steps"],
         "train_seconds": details["train_seconds"],
+        **({"prefix_cache_seconds": prefix_seconds} if run.finetune_blocks else {}),
         "eval_seconds": details["eval_seconds"],
         "wall_seconds": round(time.perf_counter() - started, 1),
         "data": {**summary, "captions_without_features": left_out},
