@@ -46,11 +46,16 @@ CAPTIONS_FILE = "captions.parquet"
 
 
 def read_prepared_captions(prepared_dir: str | Path, corpus: str = "flickr8k") -> pd.DataFrame:
-    """``<prepared_dir>/<corpus>/captions.parquet`` (what ``prepare`` writes)."""
+    """``<prepared_dir>/<corpus>/captions.parquet`` (what ``prepare`` writes), its validation split
+    named ``dev`` (Flickr8k's name) whatever the corpus calls it (a carve rule's ``valid``)."""
     path = Path(prepared_dir) / corpus / CAPTIONS_FILE
     if not path.is_file():
-        raise DataError(f"{path}: prepared captions missing (run the prepare stage)")
-    return pd.read_parquet(path)
+        raise DataError(f"{path}: prepared captions missing (run the prepare stage with {corpus} in prepare.corpora)")
+    table = pd.read_parquet(path)
+    present = set(table["split"]) if "split" in table.columns else set()
+    if "dev" not in present and present & {"valid", "val"}:
+        table = table.assign(split=table["split"].replace({"valid": "dev", "val": "dev"}))
+    return table
 
 
 def read_flickr8k(
