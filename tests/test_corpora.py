@@ -357,25 +357,28 @@ def test_fetch_script_cache_key_follows_the_checksums(tmp_path):
 # ------------------------------------------------------------------ your own photos
 
 
-def photo_corpus(root: Path, mirror: Path, images: int = 12) -> dict:
-    """``images`` real Flickr8k photos and their captions under a new corpus: a folder + JSON lines."""
+def photo_corpus(root: Path, mirror: Path, images: int = 12, later: int = 2) -> dict:
+    """``images`` real Flickr8k photos and their captions under a new corpus: a folder + JSON lines;
+    the next ``later`` photos' captions an extra evaluation set (``later.jsonl``)."""
     (root / "photos").mkdir(parents=True)
     lines, names = [], []
     for text in (mirror / "flickr8k" / "Flickr8k.token.txt").read_text().splitlines():
         key, _, caption = text.partition("\t")
         name = key.rpartition("#")[0]
         if name not in names:
-            if len(names) == images:
+            if len(names) == images + later:
                 break
             names.append(name)
             shutil.copy(mirror / "flickr8k" / "images" / name, root / "photos" / name)
         lines.append(json.dumps({"image": name, "caption": caption}) + "\n")
-    (root / "caps.jsonl").write_text("".join(lines))
+    (root / "caps.jsonl").write_text("".join(lines[: 5 * images]))
+    (root / "later.jsonl").write_text("".join(lines[5 * images :]))
     return {
         "task": "captions",
-        "files": {"caps.jsonl": {"path": "caps.jsonl"}, "photos/": {"path": "photos/"}},
+        "files": {n: {"path": n} for n in ("caps.jsonl", "later.jsonl", "photos/")},
         "captions": {"format": "jsonl", "file": "caps.jsonl", "images": "photos"},
         "carve": {"file": "caps.jsonl", "by": "every_nth", "every": 4},  # by image: 6 / 3 / 3
+        "eval_sets": {"later": "later.jsonl"},
         "options": {"tokenizer": "word", "lowercase": True},
     }
 
@@ -392,8 +395,8 @@ def test_declared_captions_corpus_is_prepared_encoded_and_trained_on(tmp_path, m
     monkeypatch.chdir(tmp_path)  # the stage loop's resume folders (data/checkpoints) land here
     entry = photo_corpus(tmp_path, mirror)
     splits = prepare(entry, tmp_path, "myphotos")["myphotos"]["splits"]
-    assert {s: m["images"] for s, m in splits.items()} == {"train": 6, "valid": 3, "test": 3}
-    assert sum(m["lines"] for m in splits.values()) == 60  # 5 captions each, none dropped
+    assert {s: m["images"] for s, m in splits.items()} == {"train": 6, "valid": 3, "test": 3, "eval_later": 2}
+    assert sum(m["lines"] for m in splits.values()) == 70  # 5 captions each, none dropped
     params = {
         "seed": 3,
         "tracking": {"enabled": False},
@@ -418,12 +421,33 @@ def test_declared_captions_corpus_is_prepared_encoded_and_trained_on(tmp_path, m
     }
     features = tmp_path / "features" / "myphotos"
     metrics = features_stage(params, tmp_path / "prepared", tmp_path / "raw", features, tmp_path / "features.json")
-    assert (metrics["corpus"], metrics["encoded"], metrics["bad_images"]) == ("myphotos", 12, 0)
+    assert (metrics["corpus"], metrics["encoded"], metrics["bad_images"]) == ("myphotos", 14, 0)
     assert read_index(features / INDEX_FILE)["names"] == sorted(p.name for p in (tmp_path / "photos").iterdir())
     paths = StagePaths(prepared=tmp_path / "prepared", features=features, raw=tmp_path / "raw")
     out = tmp_path / "out"
-    row = train_stage(params, "train_captioner", "mine", paths, out / "models", out / "m.json", out / "p.json")
+    models, metrics_dir = out / "models", out / "metrics"
+    row = train_stage(
+        params,
+        "train_captioner",
+        "mine",
+        paths,
+        models / "captioner",
+        metrics_dir / "train_captioner" / "mine.json",
+        out / "p.json",
+    )
     assert row["params"]["corpus"] == "myphotos" and (row["data"]["train_images"], row["data"]["test_images"]) == (6, 3)
+    # evaluate: the test split and the extra set, each its own row named by the set
+    from rnnlab.stages.evaluate import evaluate_stage
+
+    params["evaluate"] = {"caption_beam_sizes": [1], "register_models": False}
+    table = evaluate_stage(
+        params, paths, models, metrics_dir, out / "evaluate.json", out / "reports", out / "plots", extra_png_dirs=()
+    )
+    test_row, later_row = table["captioning"]["mine"], table["captioning"]["mine@eval_later"]
+    assert test_row["corpus"] == later_row["corpus"] == "myphotos" and later_row["eval_set"] == "later"
+    assert test_row["greedy.bleu1"] == row["bleu"]["greedy"]["bleu1"]  # rescored: the training row
+    assert test_row["greedy.bleu1"] != later_row["greedy.bleu1"]  # other images, their own score
+    assert "| | mine | mine@eval_later |" in (out / "reports" / "index.md").read_text()
     # features of another corpus (a cache without these photos): the run's key is named
     other = tmp_path / "features" / "other"
     other.mkdir()

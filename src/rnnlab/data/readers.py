@@ -267,19 +267,21 @@ def read_caption_files(spec, raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]
     image_dir = raw_dir / cap.images
     if not image_dir.is_dir():
         raise DataError(f"corpora.{spec.name}.captions.images: {image_dir}: no such folder")
-    sources = {"all": cap.file} if spec.carve is not None else spec.splits
+    sources = {"all": cap.file} if spec.carve is not None else dict(spec.splits)
+    sources.update({f"eval_{name}": fname for name, fname in spec.eval_sets.items()})  # same format, same folder
     rows = []
     for split, fname in sources.items():
         lines = list(_caption_lines(raw_dir / fname, cap.format))
         _require_lines(lines, raw_dir / fname)
-        if spec.carve is not None:
+        carved = spec.carve is not None and split == "all"
+        if carved:
             images = list(dict.fromkeys(image for _, image, _ in lines))
             names = carve_indices(len(images), spec.carve, f"corpora.{spec.name}.carve", raw_dir / fname)
             split_of = dict(zip(images, names))
         seen: dict[str, int] = {}
         for n, image, caption in lines:
             k = seen[image] = seen.get(image, -1) + 1
-            rows.append((split_of[image] if spec.carve is not None else split, fname, n, image, k, caption))
+            rows.append((split_of[image] if carved else split, fname, n, image, k, caption))
     good_names, problems = validate_images(image_dir, sorted({r[3] for r in rows}))
     ok = {name: None for name in good_names} | {name: f"image {name}: {why}" for name, why in problems}
     if not any(v is None for v in ok.values()):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from rnnlab.config import parse_section, require, section
-from rnnlab.data.captions import read_prepared_captions
+from rnnlab.data.captions import read_prepared_captions, scored_splits
 from rnnlab.data.feature_cache import FEATURES_FILE, INDEX_FILE
 from rnnlab.errors import ConfigError, DataError
 from rnnlab.io import write_json
@@ -71,11 +71,12 @@ def parse_features_config(params: dict) -> FeaturesConfig:
 
 
 def images_to_encode(captions, limit: int | None) -> list[str]:
-    """Every image named by the captions table (all splits), or the first ``limit`` per split."""
+    """Every image named by the captions table (all splits), or the first ``limit`` per split
+    (train, dev, test and the extra evaluation sets)."""
     if limit is None:
         return sorted(set(captions["image"]))
     keep: set[str] = set()
-    for split in ("train", "dev", "test"):
+    for split in scored_splits(captions["split"]):
         keep.update(sorted(set(captions.loc[captions["split"] == split, "image"]))[:limit])
     return sorted(keep)
 

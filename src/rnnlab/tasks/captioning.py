@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnlab.config import flatten, parse_section, require
-from rnnlab.data.captions import CaptionDataModule, read_prepared_captions
+from rnnlab.data.captions import CaptionDataModule, read_prepared_captions, scored_splits
 from rnnlab.data.feature_cache import FEATURES_FILE, INDEX_FILE, load_features, read_index
 from rnnlab.data.tokenize import Tokenizer, WordTokenizer, build_tokenizer
 from rnnlab.data.vocab import UNK, Vocab
@@ -207,6 +207,12 @@ def data_files(run: RunConfig, paths: StagePaths) -> list[Path]:
 
 def tags(run: RunConfig) -> dict:
     return {"corpus": run.corpus, "decoder": run.decoder, "encoder": run.encoder}
+
+
+def eval_sets(run: RunConfig, paths: StagePaths) -> list[str]:
+    """The extra evaluation sets of the run's prepared corpus (``eval_<name>`` splits), sorted."""
+    splits = scored_splits(read_prepared_captions(paths.prepared, run.corpus)["split"])
+    return [s for s in splits if s.startswith("eval_")]
 
 
 def corpus_captions(corpus: str, paths: StagePaths, index: dict, where: str):
@@ -414,7 +420,7 @@ def load(path: str | Path, map_location: str = "cpu") -> CaptioningTask:
 def captions_with_features(captions, index: dict):
     """Captions whose image has a row in the feature cache, and how many were left out."""
     names = set(index["names"])
-    in_splits = captions["split"].isin(("train", "dev", "test"))
+    in_splits = captions["split"].isin(scored_splits(captions["split"]))
     keep = captions["image"].isin(names) & in_splits
     return captions[keep].reset_index(drop=True), int((~keep & in_splits).sum())
 
