@@ -192,6 +192,13 @@ def test_decoder_run_naming_an_unknown_or_wrong_task_corpus_fails_before_trainin
     )
 
 
+def test_flickr8k_format_takes_no_extra_caption_sets():
+    entry = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["corpora"]["flickr8k"]
+    entry["eval_sets"] = {"more": "Flickr_8k.devImages.txt"}
+    with pytest.raises(ConfigError, match=r"corpora.mine.eval_sets: extra caption sets are captions files"):
+        parse_corpora({"mine": entry})
+
+
 def test_built_ins_are_entries_of_the_same_mechanism():
     specs = repo_corpora()
     assert {n: s.task for n, s in specs.items()} == {
