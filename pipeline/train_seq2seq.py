@@ -1,5 +1,5 @@
-"""DVC stage train_seq2seq@<run>: train one En->De translator (a run of params train_seq2seq.runs)
-on Multi30k and score its test set."""
+"""DVC stage train_seq2seq@<run>: train one translator (a run of params train_seq2seq.runs) on its
+parallel corpus (default Multi30k En->De) and score its test set."""
 
 from rnnlab.cli import run_stage
 from rnnlab.stages.train import main

@@ -162,6 +162,43 @@ def test_lm_run_on_a_parallel_corpus_fails_before_training(tmp_path):
         bind_corpus(run, tmp_path)
 
 
+def repo_corpora_params() -> dict:
+    return {"corpora": yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["corpora"]}
+
+
+@pytest.mark.parametrize(
+    ("section", "corpus", "message"),
+    [
+        (
+            "train_seq2seq",
+            "nosuch",
+            r"train_seq2seq.runs.x.corpus: unknown corpus 'nosuch'; parallel corpora: \['multi30k'\]",
+        ),
+        ("train_seq2seq", "ptb", r"train_seq2seq.runs.x.corpus: 'ptb' is not a parallel corpus \(task 'lm-word'\)"),
+        ("train_captioner", "nosuch", r"train_captioner.runs.x.corpus: unknown corpus 'nosuch'; captions corpora"),
+        ("train_captioner", "multi30k", r"train_captioner.runs.x.corpus: 'multi30k' is not a captions corpus"),
+    ],
+)
+def test_decoder_run_naming_an_unknown_or_wrong_task_corpus_fails_before_training(section, corpus, message):
+    from rnnlab.stages.train import parse_runs
+
+    params = repo_corpora_params()
+    params[section] = {"defaults": {}, "runs": {"x": {"corpus": corpus}}}
+    with pytest.raises(ConfigError, match=message):
+        parse_runs(params, section)
+    params[section]["runs"]["x"] = {}  # no corpus key: the built-in
+    assert (
+        parse_runs(params, section)["x"].corpus == {"train_seq2seq": "multi30k", "train_captioner": "flickr8k"}[section]
+    )
+
+
+def test_flickr8k_format_takes_no_extra_caption_sets():
+    entry = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["corpora"]["flickr8k"]
+    entry["eval_sets"] = {"more": "Flickr_8k.devImages.txt"}
+    with pytest.raises(ConfigError, match=r"corpora.mine.eval_sets: extra caption sets are captions files"):
+        parse_corpora({"mine": entry})
+
+
 def test_built_ins_are_entries_of_the_same_mechanism():
     specs = repo_corpora()
     assert {n: s.task for n, s in specs.items()} == {
@@ -206,7 +243,9 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
     (repo / "corpora" / "bard_later.txt").write_text("".join(text[3000:3400]))
     for lang in ("en", "de"):
         with gzip.open(mirror / "multi30k" / "raw" / f"val.{lang}.gz", "rt") as fh:
-            (repo / "corpora" / f"pairs.{lang}").write_text("".join(next(fh) for _ in range(300)))
+            lines = [next(fh) for _ in range(400)]
+        (repo / "corpora" / f"pairs.{lang}").write_text("".join(lines[:300]))
+        (repo / "corpora" / f"later.{lang}").write_text("".join(lines[300:]))  # an extra test set
 
     def edit(params):
         pr.tiny_params(params)
@@ -219,8 +258,11 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
         }
         params["corpora"]["pairs"] = {
             "task": "parallel",
-            "files": {"pairs.en": {"path": "corpora/pairs.en"}, "pairs.de": {"path": "corpora/pairs.de"}},
+            "files": {
+                f"{n}.{lang}": {"path": f"corpora/{n}.{lang}"} for n in ("pairs", "later") for lang in ("en", "de")
+            },
             "carve": {"file": {"src": "pairs.en", "tgt": "pairs.de"}, "by": "every_nth", "every": 10},
+            "eval_sets": {"later": {"src": "later.en", "tgt": "later.de"}},
             "options": {"tokenizer": "word", "lowercase": True, "src_lang": "en", "tgt_lang": "de"},
         }
         runs = params["train_lm"]["runs"]
@@ -229,6 +271,13 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
         for section in ("train_seq2seq", "train_captioner"):
             for run in params[section]["runs"].values():
                 run["enabled"] = False
+        # a translator on the new parallel corpus: a word-level model, a few batches (CI time)
+        params["train_seq2seq"]["runs"]["pairs-attention"] = {
+            "corpus": "pairs",
+            "tokenizer": "word",
+            "max_epochs": 1,
+            "limit_train_batches": 4,
+        }
 
     pr.edit_params(repo, edit)
     overlay = {"download": {"corpora": ["ptb", "multi30k", "flickr8k", "bard", "pairs"]}}
@@ -246,6 +295,7 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
         "train": 240,
         "valid": 30,
         "test": 30,
+        "eval_later": 100,
     }
     lock = json.loads((repo / "data/corpora.lock.json").read_text())
     assert lock["bard"]["bard.txt"] == hashlib.sha256((repo / "corpora" / "bard.txt").read_bytes()).hexdigest()
@@ -257,8 +307,19 @@ def test_new_corpora_declared_in_params_run_end_to_end(tmp_path, mirror):
     assert later_row["eval_later_ppl"] != test_row["test_ppl"]  # a different text, its own score
     report = (repo / "data/reports/index.md").read_text()
     assert "| bard | ngram | eval_later |" in report and "| bard | ngram | test |" in report
+    # the translator trained on the declared parallel corpus, scored on its test split and eval set
+    trained = json.loads((repo / "data/metrics/train_seq2seq/pairs-attention.json").read_text())
+    assert trained["corpus"] == "pairs" and trained["test_set"] == "test"
+    assert trained["pairs"] == {"train": 240, "val": 30, "test": 30}  # the carve rule's valid is the val split
+    test_mt, later_mt = table["translation"]["pairs-attention"], table["translation"]["pairs-attention@eval_later"]
+    assert test_mt["corpus"] == later_mt["corpus"] == "pairs" and later_mt["eval_set"] == "later"
+    assert test_mt["test_sentences"] == 30 and later_mt["eval_later_sentences"] == 100
+    assert test_mt["test_ppl"] == trained["test_ppl"]  # rescored from the saved folder: the training row
+    assert later_mt["eval_later_ppl"] > 1 and later_mt["eval_later_ppl"] != test_mt["test_ppl"]
+    assert "| | pairs-attention | pairs-attention@eval_later |" in report
+    assert set(table["skipped"]) >= {"translation.multi30k-attention", "translation.multi30k-none"}
     shown = pr.run(["dvc", "metrics", "show", "--json"], repo).stdout
-    assert "eval_later_ppl" in shown
+    assert "eval_later_ppl" in shown and "pairs-attention@eval_later" in shown
 
 
 def test_url_file_is_fetched_and_checked_against_its_sha256(tmp_path, mirror):
@@ -298,3 +359,115 @@ def test_fetch_script_cache_key_follows_the_checksums(tmp_path):
 
     (tmp_path / "p.yaml").write_text(params.read_text().replace("fcea919f", "0cea919f"))
     assert len(key(params)) == 32 and key(params) != key(tmp_path / "p.yaml")
+
+
+# ------------------------------------------------------------------ your own photos
+
+
+def photo_corpus(root: Path, mirror: Path, images: int = 12, later: int = 2) -> dict:
+    """``images`` real Flickr8k photos and their captions under a new corpus: a folder + JSON lines;
+    the next ``later`` photos' captions an extra evaluation set (``later.jsonl``)."""
+    (root / "photos").mkdir(parents=True)
+    lines, names = [], []
+    for text in (mirror / "flickr8k" / "Flickr8k.token.txt").read_text().splitlines():
+        key, _, caption = text.partition("\t")
+        name = key.rpartition("#")[0]
+        if name not in names:
+            if len(names) == images + later:
+                break
+            names.append(name)
+            shutil.copy(mirror / "flickr8k" / "images" / name, root / "photos" / name)
+        lines.append(json.dumps({"image": name, "caption": caption}) + "\n")
+    (root / "caps.jsonl").write_text("".join(lines[: 5 * images]))
+    (root / "later.jsonl").write_text("".join(lines[5 * images :]))
+    return {
+        "task": "captions",
+        "files": {n: {"path": n} for n in ("caps.jsonl", "later.jsonl", "photos/")},
+        "captions": {"format": "jsonl", "file": "caps.jsonl", "images": "photos"},
+        "carve": {"file": "caps.jsonl", "by": "every_nth", "every": 4},  # by image: 6 / 3 / 3
+        "eval_sets": {"later": "later.jsonl"},
+        "options": {"tokenizer": "word", "lowercase": True},
+    }
+
+
+def test_declared_captions_corpus_is_prepared_encoded_and_trained_on(tmp_path, mirror, one_thread, monkeypatch):
+    """A captions corpus declared only in params (real photos, a new name): prepare, the features
+    stage on it (features.corpus), a captioner run naming it; a run naming it while the features
+    are another corpus's is an error naming the run's key."""
+    from rnnlab.data.feature_cache import INDEX_FILE, read_index
+    from rnnlab.stages.features import features_stage
+    from rnnlab.stages.train import train_stage
+    from rnnlab.tasks.base import StagePaths
+
+    monkeypatch.chdir(tmp_path)  # the stage loop's resume folders (data/checkpoints) land here
+    entry = photo_corpus(tmp_path, mirror)
+    splits = prepare(entry, tmp_path, "myphotos")["myphotos"]["splits"]
+    assert {s: m["images"] for s, m in splits.items()} == {"train": 6, "valid": 3, "test": 3, "eval_later": 2}
+    assert sum(m["lines"] for m in splits.values()) == 70  # 5 captions each, none dropped
+    params = {
+        "seed": 3,
+        "tracking": {"enabled": False},
+        "trainer": {"num_threads": 1, "progress_bar": False},
+        "corpora": {"myphotos": entry},
+        "features": {"corpus": "myphotos", "encoder": "efficientnet_lite0", "batch_size": 6, "num_workers": 0},
+        "train_captioner": {
+            "defaults": {
+                "embedding_size": 8,
+                "hidden_size": 16,
+                "attention_size": 8,
+                "batch_size": 3,
+                "max_epochs": 1,
+                "min_freq": 1,
+                "max_len": 10,
+                "beam_sizes": [1],
+                "grid_images": 0,
+                "coco_metrics": False,
+            },
+            "runs": {"mine": {"corpus": "myphotos", "decoder": "show_tell"}},
+        },
+    }
+    features = tmp_path / "features" / "myphotos"
+    metrics = features_stage(params, tmp_path / "prepared", tmp_path / "raw", features, tmp_path / "features.json")
+    assert (metrics["corpus"], metrics["encoded"], metrics["bad_images"]) == ("myphotos", 14, 0)
+    assert read_index(features / INDEX_FILE)["names"] == sorted(p.name for p in (tmp_path / "photos").iterdir())
+    paths = StagePaths(prepared=tmp_path / "prepared", features=features, raw=tmp_path / "raw")
+    out = tmp_path / "out"
+    models, metrics_dir = out / "models", out / "metrics"
+    row = train_stage(
+        params,
+        "train_captioner",
+        "mine",
+        paths,
+        models / "captioner",
+        metrics_dir / "train_captioner" / "mine.json",
+        out / "p.json",
+    )
+    assert row["params"]["corpus"] == "myphotos" and (row["data"]["train_images"], row["data"]["test_images"]) == (6, 3)
+    # evaluate: the test split and the extra set, each its own row named by the set
+    from rnnlab.stages.evaluate import evaluate_stage
+
+    params["evaluate"] = {"caption_beam_sizes": [1], "register_models": False}
+    table = evaluate_stage(
+        params, paths, models, metrics_dir, out / "evaluate.json", out / "reports", out / "plots", extra_png_dirs=()
+    )
+    test_row, later_row = table["captioning"]["mine"], table["captioning"]["mine@eval_later"]
+    assert test_row["corpus"] == later_row["corpus"] == "myphotos" and later_row["eval_set"] == "later"
+    assert test_row["greedy.bleu1"] == row["bleu"]["greedy"]["bleu1"]  # rescored: the training row
+    assert test_row["greedy.bleu1"] != later_row["greedy.bleu1"]  # other images, their own score
+    assert "| | mine | mine@eval_later |" in (out / "reports" / "index.md").read_text()
+    # features of another corpus (a cache without these photos): the run's key is named
+    other = tmp_path / "features" / "other"
+    other.mkdir()
+    index = read_index(features / INDEX_FILE)
+    (other / INDEX_FILE).write_text(json.dumps({**index, "names": [f"x{i}.jpg" for i in range(12)]}))
+    shutil.copy(features / "features.npy", other / "features.npy")
+    with pytest.raises(ConfigError, match=r"train_captioner.runs.mine.corpus: the feature cache .*other holds none"):
+        train_stage(
+            params,
+            "train_captioner",
+            "mine",
+            StagePaths(paths.prepared, other, paths.raw),
+            out / "m2",
+            out / "m2.json",
+            out / "p2.json",
+        )

@@ -117,14 +117,15 @@ def write_report(
         md += ["### Samples", ""]
         for name, text in samples.items():
             md += [f"**{name}**", "", "```", text, "```", ""]
-    for task, title in (("translation", "Translation (Multi30k en-de)"), ("captioning", "Captioning (Flickr8k)")):
+    for task, title in (("translation", "Translation"), ("captioning", "Captioning")):
         if task not in by_task:
             continue
-        # one column per run, one line per number (these tables have dozens of metrics)
+        # one column per run (and per extra evaluation set: <run>@eval_<set>), one line per number
+        # (these tables have dozens of metrics); the corpus first, runs may name different ones
         runs = by_task[task]
         keys = sorted({k for e in runs for k in e["row"]} - {"task", "corpus", "mlflow_run_id", "registered_model"})
         lines = ["| | " + " | ".join(e["name"] for e in runs) + " |", "|---|" + "---|" * len(runs)]
-        for key in [*keys, "registered_model", "mlflow_run_id"]:
+        for key in ["corpus", *keys, "registered_model", "mlflow_run_id"]:
             cells = []
             for e in runs:
                 value = e["row"].get(key)
@@ -134,6 +135,8 @@ def write_report(
         md += [f"## {title}", "", *lines, ""]
     pictures = []
     for e in entries:
+        if e.get("eval_set"):
+            continue  # its model's pictures are shown once, under the model
         model_dir = e["checkpoint"] if e["checkpoint"].is_dir() else e["checkpoint"].parent
         pictures += [(e["name"], p) for p in _copy_pngs(sorted(model_dir.rglob("*.png")), reports_dir, e["name"])]
     for d in extra_png_dirs:

@@ -41,16 +41,28 @@ from rnnlab.resume import ResumableLoader
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
+
+
+def scored_splits(splits) -> list[str]:
+    """:data:`SPLITS` and the extra evaluation sets (``eval_<name>``) among ``splits``, in that order."""
+    return [*SPLITS, *sorted(s for s in set(splits) if str(s).startswith("eval_"))]
+
+
 REQUIRED_COLUMNS = ("split", "image", "caption_index", "caption")
 CAPTIONS_FILE = "captions.parquet"
 
 
 def read_prepared_captions(prepared_dir: str | Path, corpus: str = "flickr8k") -> pd.DataFrame:
-    """``<prepared_dir>/<corpus>/captions.parquet`` (what ``prepare`` writes)."""
+    """``<prepared_dir>/<corpus>/captions.parquet`` (what ``prepare`` writes), its validation split
+    named ``dev`` (Flickr8k's name) whatever the corpus calls it (a carve rule's ``valid``)."""
     path = Path(prepared_dir) / corpus / CAPTIONS_FILE
     if not path.is_file():
-        raise DataError(f"{path}: prepared captions missing (run the prepare stage)")
-    return pd.read_parquet(path)
+        raise DataError(f"{path}: prepared captions missing (run the prepare stage with {corpus} in prepare.corpora)")
+    table = pd.read_parquet(path)
+    present = set(table["split"]) if "split" in table.columns else set()
+    if "dev" not in present and present & {"valid", "val"}:
+        table = table.assign(split=table["split"].replace({"valid": "dev", "val": "dev"}))
+    return table
 
 
 def read_flickr8k(
@@ -173,7 +185,8 @@ class CaptionDataModule(pl.LightningDataModule):
         array, self.feature_index = self._preloaded or load_features(self.features_path, self.index_path)
         row_of = {name: i for i, name in enumerate(self.feature_index["names"])}
         failed = {p["image"]: p["reason"] for p in self.feature_index.get("problems", [])}
-        table = self.captions[self.captions["split"].isin(SPLITS)]
+        splits = scored_splits(self.captions["split"])  # extra evaluation sets too: scored, never trained on
+        table = self.captions[self.captions["split"].isin(splits)]
         has_row = table["image"].map(lambda n: n in row_of)
         for image in sorted(set(table.loc[~has_row, "image"])):
             reason = failed.get(image, "no cached features for this image")
@@ -190,7 +203,7 @@ class CaptionDataModule(pl.LightningDataModule):
             if train_tokens.empty:
                 raise DataError("captions: no train caption has cached features")
             self.vocab = Vocab.build(train_tokens, min_freq=self.min_freq)  # train split only
-        for split in SPLITS:
+        for split in splits:
             self.splits[split] = self._encode_split(table[table["split"] == split], row_of)
         used_rows = np.unique(np.concatenate([s.feature_rows for s in self.splits.values() if len(s.names)]))
         # Keep only the rows used, in memory (float16), and renumber the splits' rows.

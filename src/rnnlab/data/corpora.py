@@ -169,6 +169,11 @@ class CorpusSpec:
             raise ConfigError(f"{where}.captions: required for (and only for) task captions")
         if self.captions is not None:
             self._check_ref(self.captions.file, f"{where}.captions.file", False)
+            if self.eval_sets and self.captions.format == "flickr8k":
+                raise ConfigError(
+                    f"{where}.eval_sets: extra caption sets are captions files (format tsv or jsonl) over the "
+                    f"corpus's image folder; format flickr8k has image lists instead"
+                )
 
     def _check_ref(self, ref: Any, where: str, pair: bool) -> None:
         if pair:

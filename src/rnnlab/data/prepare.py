@@ -3,8 +3,9 @@
 Outputs per corpus under ``data/prepared/<corpus>/``:
 - LM corpora: ``lines.parquet`` (split, file, line, text), ``vocab.json``, ``tokenizer.json``,
   ``<split>.npy`` (int32 ids; one ``<eos>`` per line for word corpora, newlines are chars for char).
-- multi30k: ``pairs.parquet`` (split, file, line, src, tgt), ``vocab.src.json``, ``vocab.tgt.json``,
-  ``tokenizer.json`` (word-level; seq2seq may train BPE on the train split instead).
+- parallel corpora (multi30k): ``pairs.parquet`` (split, file, line, src, tgt; extra evaluation
+  sets as splits ``eval_<name>``), ``vocab.src.json``, ``vocab.tgt.json``, ``tokenizer.json``
+  (word-level; seq2seq may train BPE on the train split instead).
 - flickr8k: ``captions.parquet`` (split, file, line, image, caption_index, caption),
   ``vocab.json``, ``tokenizer.json``, ``rejected.parquet`` (rows not used, with the reason).
 """
@@ -87,7 +88,7 @@ def prepare_lm(spec: CorpusSpec, raw_dir: Path, out_dir: Path, cfg: PrepareConfi
 
 def prepare_parallel(spec: CorpusSpec, raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
     corpus = spec.name
-    pairs = readers.read_parallel(raw_dir, spec.splits, spec.carve, f"corpora.{corpus}")
+    pairs = readers.read_parallel(raw_dir, spec.splits, spec.carve, f"corpora.{corpus}", spec.eval_sets)
     table = schemas.validate(pairs, schemas.PARALLEL_PAIRS, f"{corpus} pairs")
     tok = tokenizer_for(spec)
     vcfg = spec.options

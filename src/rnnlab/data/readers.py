@@ -164,11 +164,16 @@ def read_parallel_corpus(raw_dir: Path, src_lang: str = "en", tgt_lang: str = "d
     return read_parallel(raw_dir, splits)
 
 
-def read_parallel(raw_dir: Path, splits: dict, carve=None, where: str = "corpora") -> pd.DataFrame:
-    """Two aligned files per split (line i of src with line i of tgt), or one pair carved by lines."""
+def read_parallel(
+    raw_dir: Path, splits: dict, carve=None, where: str = "corpora", eval_sets: dict | None = None
+) -> pd.DataFrame:
+    """Two aligned files per split (line i of src with line i of tgt), or one pair carved by lines.
+
+    Extra evaluation sets (``{name: {src, tgt}}``) follow as splits ``eval_<name>``."""
     rows = []
     pairs = {"all": carve.file} if carve is not None else splits
-    for split, pair in pairs.items():
+    extra = {f"eval_{name}": pair for name, pair in (eval_sets or {}).items()}
+    for split, pair in {**pairs, **extra}.items():
         src_path, tgt_path = raw_dir / pair["src"], raw_dir / pair["tgt"]
         src = list(read_lines(src_path))
         tgt = list(read_lines(tgt_path))
@@ -178,11 +183,13 @@ def read_parallel(raw_dir: Path, splits: dict, carve=None, where: str = "corpora
             )
         _require_lines(src, src_path)
         fname = pair_name(pair["src"], pair["tgt"])
-        names = [split] * len(src) if carve is None else carve_indices(len(src), carve, f"{where}.carve", src_path)
+        carved = carve is not None and split == "all"
+        names = carve_indices(len(src), carve, f"{where}.carve", src_path) if carved else [split] * len(src)
         rows.extend((name, fname, n, s, t) for name, (n, s), (_, t) in zip(names, src, tgt))
     table = pd.DataFrame(rows, columns=["split", "file", "line", "src", "tgt"])
     if carve is not None:
-        table = pd.concat([table[table.split == s] for s in carve.split_names()], ignore_index=True)
+        order = [*carve.split_names(), *extra]
+        table = pd.concat([table[table.split == s] for s in order], ignore_index=True)
     return table
 
 
@@ -260,19 +267,21 @@ def read_caption_files(spec, raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]
     image_dir = raw_dir / cap.images
     if not image_dir.is_dir():
         raise DataError(f"corpora.{spec.name}.captions.images: {image_dir}: no such folder")
-    sources = {"all": cap.file} if spec.carve is not None else spec.splits
+    sources = {"all": cap.file} if spec.carve is not None else dict(spec.splits)
+    sources.update({f"eval_{name}": fname for name, fname in spec.eval_sets.items()})  # same format, same folder
     rows = []
     for split, fname in sources.items():
         lines = list(_caption_lines(raw_dir / fname, cap.format))
         _require_lines(lines, raw_dir / fname)
-        if spec.carve is not None:
+        carved = spec.carve is not None and split == "all"
+        if carved:
             images = list(dict.fromkeys(image for _, image, _ in lines))
             names = carve_indices(len(images), spec.carve, f"corpora.{spec.name}.carve", raw_dir / fname)
             split_of = dict(zip(images, names))
         seen: dict[str, int] = {}
         for n, image, caption in lines:
             k = seen[image] = seen.get(image, -1) + 1
-            rows.append((split_of[image] if spec.carve is not None else split, fname, n, image, k, caption))
+            rows.append((split_of[image] if carved else split, fname, n, image, k, caption))
     good_names, problems = validate_images(image_dir, sorted({r[3] for r in rows}))
     ok = {name: None for name in good_names} | {name: f"image {name}: {why}" for name, why in problems}
     if not any(v is None for v in ok.values()):

@@ -18,7 +18,7 @@ from rnnlab.errors import DataError
 # (train/valid/test), extra evaluation sets (eval_<name>); "none": captions of no split (counted).
 LM_SPLITS = r"^(train|valid|test|eval_[A-Za-z0-9_.-]+)$"
 PARALLEL_SPLITS = r"^(train|val|valid|test|eval_[A-Za-z0-9_.-]+)$"
-CAPTION_SPLITS = r"^(train|valid|val|dev|test|none)$"
+CAPTION_SPLITS = r"^(train|valid|val|dev|test|none|eval_[A-Za-z0-9_.-]+)$"
 
 _common = {
     "file": pa.Column(str, nullable=False),

@@ -218,39 +218,53 @@ def _score_decoders(
     beam_rows: list[dict],
     limit: int | None,
 ) -> list[dict]:
-    """Translators and captioners: each run's model folder rescored by its task's ``score``."""
+    """Translators and captioners: each run's model folder rescored by its task's ``score`` on the
+    test split of the run's corpus, then on each extra evaluation set of that corpus (the task's
+    ``eval_sets``: params ``corpora.<corpus>.eval_sets``), a row of its own ``<run>@eval_<set>``."""
     task = task_module(train_section)
     entries = []
-    for name, _run, row_in in sorted(_trained_runs(params, train_section, metrics_dir, skipped), key=lambda t: t[0]):
+    for name, run, row_in in sorted(_trained_runs(params, train_section, metrics_dir, skipped), key=lambda t: t[0]):
         model_dir = models_dir / MODEL_SUBDIRS[train_section] / name
+        corpus = getattr(run, "corpus", task.CORPUS)
         result = task.score(model_dir, paths, beams, limit=limit)
-        result = {k: v for k, v in result.items() if not isinstance(v, dict) or k != "params"}
-        row = {
-            "task": task.TASK,
-            "corpus": task.CORPUS,
-            "beam_sizes": ",".join(map(str, beams)),
-            **_flatten_result(result),
-        }
-        if isinstance(row_in.get("params"), int):
-            row.setdefault("params", row_in["params"])
-        if row_in.get("mlflow_run_id"):
-            row["mlflow_run_id"] = row_in["mlflow_run_id"]
-        beam_rows += [{"task": task.TASK, **r} for r in _beam_rows(result, name)]
-        ckpt = model_dir / "model.ckpt" if (model_dir / "model.ckpt").exists() else model_dir
-        entries.append(
-            {
-                "task": task.TASK,
-                "key": (name,),
-                "name": name,
-                "row": row,
-                "checkpoint": ckpt,
-                "corpus": task.CORPUS,
-                "model": name,
-                "result": result,
-                "training_row": row_in,
-            }
-        )
+        entry = _decoder_entry(task, name, corpus, result, beams, row_in, model_dir, beam_rows)
+        entries.append(entry)
+        for split in getattr(task, "eval_sets", lambda run, paths: [])(run, paths):
+            result = task.score(model_dir, paths, beams, limit=limit, split=split)
+            extra = _decoder_entry(task, f"{name}@{split}", corpus, result, beams, row_in, model_dir, beam_rows)
+            extra["row"]["eval_set"] = split[len("eval_") :]
+            extra["eval_set"] = True  # a score row only: no model of its own
+            entries.append(extra)
     return entries
+
+
+def _decoder_entry(
+    task, name: str, corpus: str, result: dict, beams: list[int], row_in: dict, model_dir: Path, beam_rows: list
+) -> dict:
+    result = {k: v for k, v in result.items() if not isinstance(v, dict) or k != "params"}
+    row = {
+        "task": task.TASK,
+        "corpus": corpus,
+        "beam_sizes": ",".join(map(str, beams)),
+        **_flatten_result(result),
+    }
+    if isinstance(row_in.get("params"), int):
+        row.setdefault("params", row_in["params"])
+    if row_in.get("mlflow_run_id"):
+        row["mlflow_run_id"] = row_in["mlflow_run_id"]
+    beam_rows += [{"task": task.TASK, **r} for r in _beam_rows(result, name)]
+    ckpt = model_dir / "model.ckpt" if (model_dir / "model.ckpt").exists() else model_dir
+    return {
+        "task": task.TASK,
+        "key": (name,),
+        "name": name,
+        "row": row,
+        "checkpoint": ckpt,
+        "corpus": corpus,
+        "model": name,
+        "result": result,
+        "training_row": row_in,
+    }
 
 
 def _lm_sample(entry: dict, cfg: EvaluateConfig, seed: int) -> str:

@@ -1,8 +1,9 @@
-"""DVC stage ``features``: encode every Flickr8k image once with the frozen CNN and cache its maps.
+"""DVC stage ``features``: encode every image of a captions corpus (params ``features.corpus``,
+default Flickr8k) once with the frozen CNN and cache its maps.
 
-Decodes every image named by the prepared captions table, runs the frozen CNN
+Decodes every image named by the corpus's prepared captions table, runs the frozen CNN
 (:func:`rnnlab.features.extract_features`, BN folded, channels-last) and caches the 7x7xC maps as
-float16 in ``data/features/flickr8k/{features.npy,features.json}`` (read back by
+float16 in ``data/features/<corpus>/{features.npy,features.json}`` (read back by
 :mod:`rnnlab.data.feature_cache`). Images that are missing or do not decode are reported by name
 with their reason and counted in ``data/metrics/features.json``, together with the number of
 captions that lose their image; ``on_bad_image: drop`` (default) keeps going without them,
@@ -18,20 +19,22 @@ from pathlib import Path
 from typing import Literal
 
 from rnnlab.config import parse_section, require, section
-from rnnlab.data.captions import read_prepared_captions
+from rnnlab.data.captions import read_prepared_captions, scored_splits
 from rnnlab.data.feature_cache import FEATURES_FILE, INDEX_FILE
-from rnnlab.errors import DataError
+from rnnlab.errors import ConfigError, DataError
 from rnnlab.io import write_json
 
 log = logging.getLogger(__name__)
 
-CORPUS = "flickr8k"
+CORPUS = "flickr8k"  # the default features.corpus
 
 
 @dataclass
 class FeaturesConfig:
     """``features`` params section.
 
+    corpus: the captions corpus of params ``corpora`` whose images are encoded (dvc.yaml names
+        its folders from this key of params.yaml: set it there, not in a profile).
     encoder: CNN for the cache (efficientnet_lite0 | resnet18 | resnet50 | small_cnn).
     weights: optional local weights file for the encoder (null: its default weights).
     batch_size: images per CNN batch (16 is fastest per core, see :mod:`rnnlab.features`).
@@ -41,6 +44,7 @@ class FeaturesConfig:
         (tiny test profiles only).
     """
 
+    corpus: str = CORPUS
     encoder: str = "efficientnet_lite0"
     weights: str | None = None
     batch_size: int = 16
@@ -67,26 +71,40 @@ def parse_features_config(params: dict) -> FeaturesConfig:
 
 
 def images_to_encode(captions, limit: int | None) -> list[str]:
-    """Every image named by the captions table (all splits), or the first ``limit`` per split."""
+    """Every image named by the captions table (all splits), or the first ``limit`` per split
+    (train, dev, test and the extra evaluation sets)."""
     if limit is None:
         return sorted(set(captions["image"]))
     keep: set[str] = set()
-    for split in ("train", "dev", "test"):
+    for split in scored_splits(captions["split"]):
         keep.update(sorted(set(captions.loc[captions["split"] == split, "image"]))[:limit])
     return sorted(keep)
 
 
+def image_folder(params: dict, corpus: str) -> str:
+    """The corpus's image folder inside ``data/raw/<corpus>`` (its ``captions.images``; ``images``
+    where params declare no corpora, as in the unit tests' params)."""
+    from rnnlab.data.corpora import get, load_corpora
+
+    if "corpora" not in params:
+        return "images"
+    spec = get(load_corpora(params), corpus, "features.corpus")
+    if spec.task != "captions":
+        raise ConfigError(f"features.corpus: {corpus!r} is not a captions corpus (task {spec.task!r})")
+    return spec.captions.images
+
+
 def features_stage(params: dict, prepared_dir: Path, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict:
-    """Encode the images of ``prepared_dir/flickr8k/captions.parquet`` from ``raw_dir/flickr8k/images``
-    into the cache folder ``out_dir``; write and return the stage's metrics."""
+    """Encode the images of ``prepared_dir/<corpus>/captions.parquet`` from ``raw_dir/<corpus>/<its
+    image folder>`` into the cache folder ``out_dir``; write and return the stage's metrics."""
     from rnnlab.features import extract_features
 
     cfg = parse_features_config(params)
-    captions = read_prepared_captions(prepared_dir, CORPUS)
+    image_dir = Path(raw_dir) / cfg.corpus / image_folder(params, cfg.corpus)
+    captions = read_prepared_captions(prepared_dir, cfg.corpus)
     names = images_to_encode(captions, cfg.limit_images)
-    image_dir = Path(raw_dir) / CORPUS / "images"
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: Flickr8k image folder missing (run the download stage)")
+        raise DataError(f"{image_dir}: image folder of {cfg.corpus} missing (run the download stage)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = [0.0]
@@ -111,6 +129,7 @@ def features_stage(params: dict, prepared_dir: Path, raw_dir: Path, out_dir: Pat
     bad = {p["image"]: p["reason"] for p in summary["problems"]}
     lost = captions[captions["image"].isin(bad)]
     metrics = {
+        "corpus": cfg.corpus,
         "encoder": cfg.encoder,
         "images": summary["images"],
         "encoded": summary["encoded"],

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnlab.config import flatten, parse_section, require
-from rnnlab.data.captions import CaptionDataModule, read_prepared_captions
+from rnnlab.data.captions import CaptionDataModule, read_prepared_captions, scored_splits
 from rnnlab.data.feature_cache import FEATURES_FILE, INDEX_FILE, load_features, read_index
 from rnnlab.data.tokenize import Tokenizer, WordTokenizer, build_tokenizer
 from rnnlab.data.vocab import UNK, Vocab
@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 SECTION = "train_captioner"
 TASK = "captioning"
 EXPERIMENT = "rnnlab-captioner"
-CORPUS = "flickr8k"
+CORPUS = "flickr8k"  # the default corpus of a run
 MODEL_FILE = "model.ckpt"
 VOCAB_FILE = "vocab.json"
 RUN_FILE = "run.json"
@@ -116,8 +116,11 @@ class RunConfig:
     grid_images: how many test images the PNG grids show.
     enabled: false in a profile that leaves this run out (the stage writes a row saying so).
     CPU threads are the shared ``trainer.num_threads``.
+    corpus: a ``captions`` corpus of params ``corpora`` (default flickr8k); its images must be the
+        ones the ``features`` stage encoded (params ``features.corpus``).
     """
 
+    corpus: str = CORPUS
     decoder: Literal["show_tell", "soft_attention"] = "soft_attention"
     encoder: str = "efficientnet_lite0"
     embedding_size: int = 256
@@ -146,6 +149,8 @@ class RunConfig:
     enabled: bool = True
 
     def validate(self, where: str) -> None:
+        if not self.corpus or "/" in self.corpus:
+            raise ConfigError(f"{where}.corpus: expected a corpus name of params corpora, got {self.corpus!r}")
         require(self.encoder in ENCODER_NAMES, f"{where}.encoder", f"one of {list(ENCODER_NAMES)}", self.encoder)
         for key in (
             "embedding_size",
@@ -205,13 +210,44 @@ def parse_run(merged: dict, where: str = SECTION) -> RunConfig:
     return parse_section(RunConfig, merged, where)
 
 
+def check_corpus(run: RunConfig, corpora: dict, where: str) -> None:
+    """Before anything trains: the run's corpus is declared in params ``corpora`` with task captions."""
+    captions = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") == "captions")
+    if run.corpus not in corpora:
+        raise ConfigError(f"{where}.corpus: unknown corpus {run.corpus!r}; captions corpora: {captions}")
+    if run.corpus not in captions:
+        raise ConfigError(
+            f"{where}.corpus: {run.corpus!r} is not a captions corpus (task "
+            f"{corpora[run.corpus].get('task')!r}); valid names: {captions}"
+        )
+
+
 def data_files(run: RunConfig, paths: StagePaths) -> list[Path]:
     """What a run reads: the prepared captions and the feature cache's index."""
-    return [Path(paths.prepared) / CORPUS / "captions.parquet", Path(paths.features) / INDEX_FILE]
+    return [Path(paths.prepared) / run.corpus / "captions.parquet", Path(paths.features) / INDEX_FILE]
 
 
 def tags(run: RunConfig) -> dict:
-    return {"corpus": CORPUS, "decoder": run.decoder, "encoder": run.encoder}
+    return {"corpus": run.corpus, "decoder": run.decoder, "encoder": run.encoder}
+
+
+def eval_sets(run: RunConfig, paths: StagePaths) -> list[str]:
+    """The extra evaluation sets of the run's prepared corpus (``eval_<name>`` splits), sorted."""
+    splits = scored_splits(read_prepared_captions(paths.prepared, run.corpus)["split"])
+    return [s for s in splits if s.startswith("eval_")]
+
+
+def corpus_captions(corpus: str, paths: StagePaths, index: dict, where: str):
+    """The corpus's prepared captions that have cached features, and how many were left out; a
+    cache made from another corpus's images (none of this corpus's images in it) is an error."""
+    captions = read_prepared_captions(paths.prepared, corpus)
+    kept, left_out = captions_with_features(captions, index)
+    if kept.empty and not captions.empty:
+        raise ConfigError(
+            f"{where}.corpus: the feature cache {paths.features} holds none of the images of corpus {corpus!r} "
+            f"(the features stage encodes the images of params features.corpus; set it to {corpus!r})"
+        )
+    return kept, left_out
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,7 +449,7 @@ def prefix_cache(
 
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir}: Flickr8k image folder missing; fine-tuning the encoder reads the images")
+        raise DataError(f"{image_dir}: image folder missing; fine-tuning the encoder reads the images")
     with torch.random.fork_rng(devices=[]):
         prefix, _ = split_encoder(build_image_encoder(encoder), finetune_blocks)
     start = time.perf_counter()
@@ -461,7 +497,7 @@ def load(path: str | Path, map_location: str = "cpu") -> CaptioningTask:
 def captions_with_features(captions, index: dict):
     """Captions whose image has a row in the feature cache, and how many were left out."""
     names = set(index["names"])
-    in_splits = captions["split"].isin(("train", "dev", "test"))
+    in_splits = captions["split"].isin(scored_splits(captions["split"]))
     keep = captions["image"].isin(names) & in_splits
     return captions[keep].reset_index(drop=True), int((~keep & in_splits).sum())
 
@@ -557,7 +593,7 @@ def score(
     The decoder, vocabulary and tokenizer come from ``folder/model.ckpt``; the decoding settings
     (length penalty, batch size) from ``folder/run.json``; the images' features from the cache
     ``paths.features`` (a fine-tuned model: its frozen prefix over the images in ``paths.raw``, then
-    its own fine-tuned blocks) and their references from ``paths.prepared/flickr8k/captions.parquet``.
+    its own fine-tuned blocks) and their references from ``paths.prepared/<corpus>/captions.parquet``.
     With the same beam sizes the numbers equal those :func:`train` reported (decoding is
     deterministic on CPU). ``limit``: the first N images of ``split`` only (smoke tests).
     Returns ``{setting: {bleu1..4, sacrebleu, ...}, "params": the run's config}``."""
@@ -576,14 +612,15 @@ def score(
             f"{features_dir / INDEX_FILE}: features of {features[1].get('encoder')!r}, but "
             f"{folder} was trained on {module.hparams.encoder!r}"
         )
-    captions, _ = captions_with_features(read_prepared_captions(paths.prepared, CORPUS), features[1])
+    corpus = run["config"].get("corpus", CORPUS)
+    captions, _ = corpus_captions(corpus, paths, features[1], f"{folder}/{RUN_FILE} config")
     if limit is not None:
         keep = sorted(set(captions.loc[captions["split"] == split, "image"]))[:limit]
         captions = captions[(captions["split"] != split) | captions["image"].isin(keep)].reset_index(drop=True)
     finetune = module.hparams.get("finetune_blocks", 0)
     if finetune:  # its own last blocks (in the checkpoint) read the frozen prefix's maps of the images
         names = sorted(set(captions.loc[captions["split"] == split, "image"]))
-        features = prefix_cache(module.hparams.encoder, finetune, Path(paths.raw) / CORPUS / "images", names)
+        features = prefix_cache(module.hparams.encoder, finetune, Path(paths.raw) / corpus / "images", names)
     settings = run["eval"]
     data = CaptionDataModule(
         captions,
@@ -884,8 +921,8 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     paths = ctx.paths
     features_dir = Path(paths.features)
     index = _feature_index(paths)
-    captions, left_out = captions_with_features(read_prepared_captions(paths.prepared, CORPUS), index)
-    image_dir = Path(paths.raw) / CORPUS / "images"
+    captions, left_out = corpus_captions(run.corpus, paths, index, ctx.where)
+    image_dir = Path(paths.raw) / run.corpus / "images"  # the grids (drawn when the folder is there)
 
     cache_encoder = index.get("encoder")
     if cache_encoder != run.encoder:

@@ -1,4 +1,4 @@
-"""Translation (Multi30k English -> German): the ``train_seq2seq`` task of the one stage loop.
+"""Translation (Multi30k English -> German by default): the ``train_seq2seq`` task of the one stage loop.
 
 ``params.yaml`` section ``train_seq2seq`` (:mod:`rnnlab.stages.train`)::
 
@@ -9,7 +9,10 @@
       multi30k-attention: {attention: bahdanau}
       multi30k-none: {attention: none}
 
-Every key a run may set, and its one default, is a field of :class:`RunConfig`. ``max_train_pairs``
+Every key a run may set, and its one default, is a field of :class:`RunConfig`. ``corpus`` names a
+``parallel`` corpus of params ``corpora`` (default the built-in Multi30k; README "Your own corpora"):
+its prepared ``pairs.parquet`` is read, its validation split (``val``, or a carve rule's ``valid``)
+drives early stopping and its ``test`` split is scored. ``max_train_pairs``
 / ``max_val_pairs`` (null = all) keep the first N pairs of train / val (corpus line order), for tiny
 profiles; the test split (test_2016_flickr) is always scored whole, so :func:`score`, rescoring it
 from the saved folder, reproduces the training row exactly.
@@ -52,7 +55,7 @@ from rnnlab.data.parallel import ParallelDataModule, TranslationBatch, pad_seque
 from rnnlab.data.tokenize import Tokenizer
 from rnnlab.data.vocab import EOS, Vocab
 from rnnlab.decoding import DecodeResult, LengthNorm, OutputRules, beam_search, greedy_decode
-from rnnlab.errors import DataError, RnnlabError, TrainingError
+from rnnlab.errors import ConfigError, DataError, RnnlabError, TrainingError
 from rnnlab.inference import DEFAULT_MODELS, resolve_model, resolve_model_path
 from rnnlab.io import atomic_path
 from rnnlab.metrics import decode_name, perplexity, score_translations, sentence_sacrebleu
@@ -65,8 +68,9 @@ log = logging.getLogger(__name__)
 SECTION = "train_seq2seq"
 TASK = "translation"
 EXPERIMENT = "rnnlab-seq2seq"
-CORPUS = "multi30k"
-TEST_SET = "test_2016_flickr"
+CORPUS = "multi30k"  # the default corpus of a run
+TEST_SET = "test_2016_flickr"  # the name of the built-in's test split in the rows (other corpora: "test")
+VALID_SPLITS = ("val", "valid", "dev")  # the validation split, by the name a corpus gives it
 SCORES = ("sacrebleu", "chrf", "tok_bleu")
 SCORE_NAMES = {"sacrebleu": "sacrebleu", "chrf": "chrf", "tok_bleu": "tok_lc_bleu"}  # library name -> row name
 MODEL_FILES = (
@@ -89,6 +93,7 @@ DECODE_BATCH = 256  # sentences per decoding batch (sorted by length)
 class RunConfig:
     """One run's keys (``train_seq2seq.defaults`` merged with ``train_seq2seq.runs.<name>``)."""
 
+    corpus: str = CORPUS  # a parallel corpus of params corpora
     tokenizer: Literal["word", "bpe"] = "bpe"  # bpe: learned on the train split with HF tokenizers
     bpe_vocab_size: int = 5000  # per side, used when tokenizer is bpe
     lowercase_target: bool = False  # the source is always lower-cased; German keeps its case by default
@@ -126,6 +131,8 @@ class RunConfig:
     enabled: bool = True  # false: the stage writes a row saying so and trains nothing
 
     def validate(self, where: str) -> None:
+        if not self.corpus or "/" in self.corpus:
+            raise ConfigError(f"{where}.corpus: expected a corpus name of params corpora, got {self.corpus!r}")
         for key in (
             "bpe_vocab_size",
             "min_freq",
@@ -190,43 +197,76 @@ def parse_run(merged: dict, where: str) -> RunConfig:
     return parse_section(RunConfig, merged, where)
 
 
+def check_corpus(run: RunConfig, corpora: dict, where: str) -> None:
+    """Before anything trains: the run's corpus is declared in params ``corpora`` with task parallel."""
+    parallel = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") == "parallel")
+    if run.corpus not in corpora:
+        raise ConfigError(f"{where}.corpus: unknown corpus {run.corpus!r}; parallel corpora: {parallel}")
+    if run.corpus not in parallel:
+        raise ConfigError(
+            f"{where}.corpus: {run.corpus!r} is not a parallel corpus (task "
+            f"{corpora[run.corpus].get('task')!r}); valid names: {parallel}"
+        )
+
+
 def data_files(run: RunConfig, paths: StagePaths) -> list[Path]:
-    return [Path(paths.prepared) / CORPUS / "pairs.parquet"]
+    return [pairs_path(paths, run.corpus)]
 
 
 def tags(run: RunConfig) -> dict:
-    return {"corpus": CORPUS, "attention": run.attention, "tokenizer": run.tokenizer}
+    return {"corpus": run.corpus, "attention": run.attention, "tokenizer": run.tokenizer}
+
+
+def test_set_name(corpus: str) -> str:
+    return TEST_SET if corpus == CORPUS else "test"
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def pairs_path(prepared: str | Path | StagePaths) -> Path:
-    """``pairs.parquet`` in ``prepared`` (``data/prepared/multi30k``) or ``prepared/multi30k``, or
+def pairs_path(prepared: str | Path | StagePaths, corpus: str = CORPUS) -> Path:
+    """``pairs.parquet`` in ``prepared`` (``data/prepared/<corpus>``) or ``prepared/<corpus>``, or
     ``prepared`` itself when it names the file."""
     prepared = Path(prepared.prepared if isinstance(prepared, StagePaths) else prepared)
+    hint = f"run `dvc repro prepare` with {corpus} in prepare.corpora"
     if prepared.suffix == ".parquet":
         if prepared.is_file():
             return prepared
-        raise DataError(f"{prepared}: not found (run `dvc repro prepare` with multi30k in prepare.corpora)")
-    for path in (prepared / "pairs.parquet", prepared / CORPUS / "pairs.parquet"):
+        raise DataError(f"{prepared}: not found ({hint})")
+    for path in (prepared / "pairs.parquet", prepared / corpus / "pairs.parquet"):
         if path.is_file():
             return path
     raise DataError(
-        f"{prepared / CORPUS / 'pairs.parquet'}: not found (run `dvc repro prepare` with multi30k in prepare.corpora)"
+        f"{prepared / corpus / 'pairs.parquet'}: not found (declare {corpus!r} in params.yaml corpora: with "
+        f"task parallel and {hint})"
     )
 
 
-def read_pairs(prepared: str | Path | StagePaths) -> pd.DataFrame:
-    path = pairs_path(prepared)
+def read_pairs(prepared: str | Path | StagePaths, corpus: str = CORPUS) -> pd.DataFrame:
+    """The prepared pairs, the validation split named ``val`` whatever the corpus calls it
+    (:data:`VALID_SPLITS`); extra evaluation sets keep their ``eval_<name>`` splits."""
+    path = pairs_path(prepared, corpus)
     pairs = pd.read_parquet(path)
     missing = {"split", "line", "src", "tgt"} - set(pairs.columns)
     if missing:
         raise DataError(f"{path}: lacks columns {sorted(missing)} (has {list(pairs.columns)}); rerun prepare")
+    present = set(pairs["split"])
+    valid = next((s for s in VALID_SPLITS if s in present), None)
+    if valid not in (None, "val"):
+        pairs = pairs.assign(split=pairs["split"].replace({valid: "val"}))
     for split in ("train", "val", "test"):
         if not (pairs["split"] == split).any():
-            raise DataError(f"{path}: split {split!r} is empty")
+            shown = "a validation split (val, valid or dev)" if split == "val" else f"split {split!r}"
+            raise DataError(
+                f"{path}: {shown} is empty (a translator trains on train, stops early on the validation "
+                f"split and is scored on test; a carve rule gives test with `test: FRACTION` or by every_nth)"
+            )
     return pairs
+
+
+def eval_sets(run: RunConfig, paths: StagePaths) -> list[str]:
+    """The extra evaluation sets of the run's prepared corpus (``eval_<name>`` splits), sorted."""
+    return sorted(s for s in set(read_pairs(paths, run.corpus)["split"]) if s.startswith("eval_"))
 
 
 def subsample(
@@ -693,7 +733,7 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     from rnnlab.training import FitSpec, fit, load_best_weights, save_model_checkpoint
 
     (pairs_file,) = data_files(run, ctx.paths)
-    data = subsample(read_pairs(pairs_file), run.max_train_pairs, run.max_val_pairs, run.max_test_pairs)
+    data = subsample(read_pairs(pairs_file, run.corpus), run.max_train_pairs, run.max_val_pairs, run.max_test_pairs)
     counts = {split: int((data["split"] == split).sum()) for split in ("train", "val", "test")}
     dm = ParallelDataModule(
         data,
@@ -734,7 +774,7 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     beam_rows = scores.pop("beams")
     val_bleus = [h["val/bleu"] for h in history.history if "val/bleu" in h]
     decodes = [decode_name(b) for b in settings(run.beam_sizes)]
-    row = {"corpus": CORPUS, "test_set": TEST_SET, "attention": run.attention}
+    row = {"corpus": run.corpus, "test_set": test_set_name(run.corpus), "attention": run.attention}
     row.update({f"{SCORE_NAMES[s]}_{d}": scores[f"{SCORE_NAMES[s]}_{d}"] for d in decodes for s in SCORES})
     row.update({k: scores[k] for k in ("sacrebleu_signature", "chrf_signature", "tok_lc_bleu_signature")})
     row.update(
@@ -775,7 +815,7 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         write_json(out_dir / "config.json", dataclasses.asdict(run))
         write_json(out_dir / "history.json", history.history)
         write_json(out_dir / "bleu_vs_beam.json", beam_rows)
-        png = plot_bleu_vs_beam(plotted, out_dir / "bleu_vs_beam.png", f"{ctx.name}: {TEST_SET}")
+        png = plot_bleu_vs_beam(plotted, out_dir / "bleu_vs_beam.png", f"{ctx.name}: {test_set_name(run.corpus)}")
         artifacts += [(out_dir / name, "model") for name in MODEL_FILES]
         artifacts += [(out_dir / "history.json", None), (out_dir / "bleu_vs_beam.json", None), (png, None)]
         artifacts += [(path, "hyps") for path in sorted(out_dir.glob("test_hyps_*.txt"))]
@@ -827,12 +867,16 @@ def score(
     beam_sizes: Iterable[int] = (1, 5),
     limit: int | None = None,
     rules: OutputRules | None = None,
+    split: str = "test",
 ) -> dict:
-    """Rescore a ``train_seq2seq`` model folder on the whole Multi30k test split (test_2016_flickr).
+    """Rescore a ``train_seq2seq`` model folder on the whole test split of its corpus (Multi30k:
+    test_2016_flickr), or on ``split``: an extra evaluation set (``eval_<name>``, params
+    ``corpora.<corpus>.eval_sets``), whose keys are then ``<split>_ppl`` ... instead of ``test_*``.
 
     ``folder``: the model folder, its ``model.ckpt`` or an MLflow run id; ``paths``: the stage
     paths (``paths.prepared`` = ``data/prepared``) or the prepared folder itself (``data/prepared``
-    or ``data/prepared/multi30k``). ``max_len`` and ``eval_batch_size`` come from ``config.json``;
+    or ``data/prepared/<corpus>``). The corpus, ``max_len`` and ``eval_batch_size`` come from
+    ``config.json`` (a folder without ``corpus`` there is Multi30k's);
     ``limit``: the first N test pairs only (smoke tests); ``rules``: decode under these output
     rules instead of the checkpoint's (benchmarks/decoding_rules.py).
     Decoding and perplexity run through :func:`evaluate` exactly as at the end of training, so the
@@ -851,9 +895,12 @@ def score(
     if rules is not None:
         module.rules = rules
     config = read_json(model_folder / "config.json") if (model_folder / "config.json").is_file() else {}
-    pairs = read_pairs(paths)
+    pairs = read_pairs(paths, config.get("corpus", CORPUS))
+    pairs = pairs[pairs["split"] == split].sort_values("line")
+    if pairs.empty:
+        raise DataError(f"{pairs_path(paths, config.get('corpus', CORPUS))}: split {split!r} is empty or missing")
     if limit is not None:
-        pairs = subsample(pairs, None, None, limit)
+        pairs = pairs.head(limit)
     dm = ParallelDataModule(
         pairs,
         max_len=int(config.get("max_len", module.hparams.decode_max_len)),
@@ -861,19 +908,19 @@ def score(
         tokenizers=(module.src_tokenizer, module.tgt_tokenizer),
         vocabs=(module.src_vocab, module.tgt_vocab),
     )
-    dm.setup_split("test")
-    scores = evaluate(module, dm, beam_sizes)
+    dm.setup_split(split)
+    scores = evaluate(module, dm, beam_sizes, ppl_splits=(split,), split=split)
     beam_rows = scores.pop("beams")
     decodes = [decode_name(b) for b in settings(beam_sizes)]
     result = {f"{SCORE_NAMES[s]}_{d}": scores[f"{SCORE_NAMES[s]}_{d}"] for d in decodes for s in SCORES}
     result.update({k: scores[k] for k in ("sacrebleu_signature", "chrf_signature", "tok_lc_bleu_signature")})
     result.update(
         {
-            "test_ppl": scores["test_ppl"],
-            "test_loss": scores["test_loss"],
+            f"{split}_ppl": scores[f"{split}_ppl"],
+            f"{split}_loss": scores[f"{split}_loss"],
             "params": module.num_parameters(),
-            "test_sentences": len(dm.texts["test"]),
-            "truncated_test_src": dm.truncated["test"]["src"],
+            f"{split}_sentences": len(dm.texts[split]),
+            f"truncated_{split}_src": dm.truncated[split]["src"],
             "unk_in_output": sum(r["unk_in_output"] for r in beam_rows if r["beam"] in set(beam_sizes)),
             "beams": [
                 {"beam": r["beam"], **{SCORE_NAMES[s]: r[s] for s in SCORES}}
