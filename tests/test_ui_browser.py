@@ -10,6 +10,7 @@ the test's temp folder; its path is printed."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,11 @@ def chromium(browser: str, profile: Path, url: str, *action: str) -> subprocess.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def visible_text(html: str) -> str:
+    """The rendered page's text: tags dropped, whitespace collapsed."""
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]*>", " ", html))
+
+
 @pytest.fixture(scope="module")
 def ui(lm_store):  # noqa: F811
     browser = find_chromium()
@@ -83,6 +89,11 @@ def test_ui_shows_experiment_runs_and_metric(ui, lm_store, tmp_path):  # noqa: F
     assert page.returncode == 0, page.stderr[-2000:]
     assert "rnnlab-lm" in page.stdout, page.stdout[-3000:]
     assert "train_lm/ptb-lstm" in page.stdout and "train_lm/ptb-ngram" in page.stdout, page.stdout[-3000:]
+    (tmp_path / "runs_table.html").write_text(page.stdout)
+    # the runs table's own Dataset column names the training data with its DVC md5
+    text = visible_text(page.stdout)
+    digest = next(i.dataset.digest for i in run.inputs.dataset_inputs if i.dataset.name == "ptb/train.npy")
+    assert "Dataset" in text and f"ptb/train.npy ({digest})" in text, text[:3000]
 
     # the run page shows its metric values
     run_url = f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
@@ -90,6 +101,16 @@ def test_ui_shows_experiment_runs_and_metric(ui, lm_store, tmp_path):  # noqa: F
     assert page.returncode == 0, page.stderr[-2000:]
     assert "train_lm/ptb-lstm" in page.stdout and "final/test_ppl" in page.stdout
     assert str(ppl) in page.stdout, f"metric value {ppl} not in the rendered run page"
+    (tmp_path / "run_page.html").write_text(page.stdout)  # kept with the test's temp folder, to read a failure
+    # ... and its lineage in MLflow's own fields: Source (the stage script), Datasets (the first input,
+    # with the DVC md5 as digest, "+2" more) and the logged model registered from this run.
+    inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["ptb/train.npy", "ptb/valid.npy", "ptb/vocab.json"]
+    assert run.data.tags["mlflow.source.name"] == "pipeline/train_lm.py"
+    text = visible_text(page.stdout)
+    assert "Source train_lm.py" in text, text[:3000]
+    assert f"Datasets ptb/train.npy ({inputs['ptb/train.npy']}) training +2" in text, text[:3000]
+    assert "Logged models (1)" in text and "rnnlab-lm-ptb-lstm v1" in text, text[-3000:]
 
     shot = Path(os.environ.get("RNNLAB_UI_SCREENSHOT") or tmp_path / "ui.png").resolve()
     shot.parent.mkdir(parents=True, exist_ok=True)
