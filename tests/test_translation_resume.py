@@ -1,6 +1,6 @@
 """Resume after a kill, for translation: the stage loop (``train_stage`` of ``train_seq2seq``) runs in a
 subprocess on a tiny profile of the real Multi30k and is SIGKILLed as soon as a resume checkpoint
-``step-*.ckpt`` at or after a random step of the second epoch is on disk (a checkpoint every 3 steps,
+``step-*.ckpt`` at or after a random step (second epoch or early third) is on disk (a checkpoint every 3 steps,
 8 steps an epoch: after an epoch end, a validation round and a best checkpoint; the step is printed,
 ``RNNLAB_KILL_AFTER`` pins it). The trainer pauses right after that save (``RNNLAB_PAUSE_AT_STEP``),
 so the kill never races a fast machine. The rerun resumes from that checkpoint. Its
