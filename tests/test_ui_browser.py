@@ -1,6 +1,7 @@
 """The MLflow UI in a real browser: `mlflow ui` on 127.0.0.1 over the tiny pipeline's store
 (train_lm + evaluate stage functions), opened by Debian's headless chromium; the rendered DOM
-must show the experiment, the run names and a metric value; a screenshot is saved.
+must show the experiment, the run names, a metric value and the lineage in MLflow's own fields (Dataset
+with the DVC md5, Source, the logged + registered model); a screenshot is saved.
 
 Marked ``browser``. Without chromium the test is skipped, unless ``RNNLAB_REQUIRE_BROWSER=1``
 (set by ``.ci/run``, which installs chromium), where a missing browser is a failure. The
@@ -83,6 +84,9 @@ def test_ui_shows_experiment_runs_and_metric(ui, lm_store, tmp_path):  # noqa: F
     run = runs["train_lm/ptb-lstm"]
     ppl = lm_store.table["lm"]["ptb"]["lstm"]["test_ppl"]
     assert run.data.metrics["final/test_ppl"] == pytest.approx(ppl)
+    # its data dependencies as MLflow dataset inputs (name, digest = the DVC md5)
+    inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["ptb/train.npy", "ptb/valid.npy", "ptb/vocab.json"]
 
     # the experiment page lists the run by name
     page = chromium(browser, tmp_path / "profile1", f"{base}/#/experiments/{exp.experiment_id}/runs", "--dump-dom")
@@ -92,8 +96,7 @@ def test_ui_shows_experiment_runs_and_metric(ui, lm_store, tmp_path):  # noqa: F
     (tmp_path / "runs_table.html").write_text(page.stdout)
     # the runs table's own Dataset column names the training data with its DVC md5
     text = visible_text(page.stdout)
-    digest = next(i.dataset.digest for i in run.inputs.dataset_inputs if i.dataset.name == "ptb/train.npy")
-    assert "Dataset" in text and f"ptb/train.npy ({digest})" in text, text[:3000]
+    assert "Dataset" in text and f"ptb/train.npy ({inputs['ptb/train.npy']})" in text, text[:3000]
 
     # the run page shows its metric values
     run_url = f"{base}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
@@ -104,8 +107,6 @@ def test_ui_shows_experiment_runs_and_metric(ui, lm_store, tmp_path):  # noqa: F
     (tmp_path / "run_page.html").write_text(page.stdout)  # kept with the test's temp folder, to read a failure
     # ... and its lineage in MLflow's own fields: Source (the stage script), Datasets (the first input,
     # with the DVC md5 as digest, "+2" more) and the logged model registered from this run.
-    inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
-    assert sorted(inputs) == ["ptb/train.npy", "ptb/valid.npy", "ptb/vocab.json"]
     assert run.data.tags["mlflow.source.name"] == "pipeline/train_lm.py"
     text = visible_text(page.stdout)
     assert "Source train_lm.py" in text, text[:3000]
