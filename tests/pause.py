@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import time
 from pathlib import Path
 
@@ -36,3 +38,20 @@ def wait_for_marker(folder: Path, rank: int = 0, timeout_s: float = 300, process
 def release(folder: Path) -> None:
     """Let every paused rank continue."""
     (Path(folder) / "release").touch()
+
+
+def save_steps(every: int, steps_per_epoch: int, epochs: int) -> list[int]:
+    """The global steps :class:`rnnlab.resume.ResumeCallback` writes ``step-*.ckpt`` at: every
+    ``every`` steps except an epoch's last batch (that one is saved at the epoch end), and every
+    epoch end. A run paused at ``s + 1`` has the checkpoint of step ``s`` as its newest on disk (the
+    pause comes before that step's own save)."""
+    periodic = {s for s in range(every, steps_per_epoch * epochs, every) if s % steps_per_epoch} if every else set()
+    return sorted(periodic | {steps_per_epoch * e for e in range(1, epochs + 1)})
+
+
+def random_step(choices: list[int], env: str = "RNNLAB_KILL_AFTER") -> int:
+    """A random step out of ``choices`` (``$env`` pins it), printed so that a failure can be replayed."""
+    pinned = os.environ.get(env)
+    step = int(pinned) if pinned else random.SystemRandom().choice(choices)
+    print(f"kill step {step} (replay with {env}={step})")
+    return step

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -202,42 +201,8 @@ def train_cmd(out: Path, params: str = "params.yaml", run_name: str = "ptb-lstm"
     ]
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-3000:]}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def step_checkpoints(repo: Path) -> list[int]:
     folder = repo / RUN_DIR
     if not folder.is_dir():
         return []
     return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.ckpt"))
-
-
-def stage_process(parent: subprocess.Popen, script: str = "pipeline/train_lm.py"):
-    """The python process running ``script`` under ``parent`` (e.g. ``dvc repro``), via psutil.
-
-    The script must be an argument of its own: DVC runs the stage through ``$SHELL -c "<cmd>"`` (or
-    ``/bin/sh -c`` when SHELL is unset, as in CI), and a shell that does not exec its last command stays
-    alive as the parent with the whole command line in one argument; killing it would orphan the trainer."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return None
-    for proc in procs:
-        try:
-            if script in proc.cmdline():
-                return proc
-        except psutil.NoSuchProcess:
-            continue
-    return None

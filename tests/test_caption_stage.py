@@ -160,6 +160,8 @@ def test_train_captioner_stage_writes_models_metrics_and_plots(pipeline):
     assert run.data.metrics["test.beam3.bleu4"] == table["flickr8k-soft_attention"]["bleu"]["beam3"]["bleu4"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {"figures/samples.png", "figures/attention.png"}
+    hyps = {a.path for a in client.list_artifacts(run.info.run_id, "hyps")}  # what sacreBLEU scored, line by line
+    assert hyps == {"hyps/test_images.txt", "hyps/test_hyps_greedy.txt", "hyps/test_hyps_beam3.txt"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.ckpt"}
     assert run.data.metrics["final/best_val_loss"] == table["flickr8k-soft_attention"]["best_val_loss"]
     assert (

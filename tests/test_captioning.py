@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sacrebleu_cli import sacrebleu_cli
 
 from rnnlab.data.captions import CaptionDataModule, read_flickr8k
 from rnnlab.data.feature_cache import load_features
@@ -601,6 +602,26 @@ def test_train_captioner_tiny_run_and_checkpoint_roundtrip(features, subset, fli
         assert nltk_bleu_of_saved_model(metrics["artifacts"]["model"], subset, features, flickr, beam) == pytest.approx(
             {k: metrics["test"][setting][k] for k in ("bleu1", "bleu2", "bleu3", "bleu4")}, abs=1e-3
         )
+    # And the reported sacreBLEU: the sacrebleu command line on the written caption files against the
+    # five reference files cut from the raw Flickr8k.token.txt (caption k of each image, raw text),
+    # lower-cased as the reported score's signature says.
+    folder = Path(row["model_path"])
+    images = (folder / "test_images.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(images) == sorted(subset[subset.split == "test"].image.unique())
+    raw: dict[str, list[str]] = {}
+    for line in (flickr / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines():
+        key, caption = line.split("\t", 1)
+        raw.setdefault(key.rsplit("#", 1)[0], []).append(caption)
+    ref_files = []
+    for k in range(5):
+        ref_files.append(tmp_path / f"ref{k}.txt")
+        ref_files[-1].write_text("".join(raw[n][k] + "\n" for n in images), encoding="utf-8")
+    for setting in ("greedy", "beam2"):
+        hyps = folder / f"test_hyps_{setting}.txt"
+        assert len(hyps.read_text(encoding="utf-8").splitlines()) == len(images)
+        assert "case:lc" in metrics["test"][setting]["sacrebleu_signature"]  # hence -lc
+        cli = sacrebleu_cli(hyps, *ref_files, lowercase=True)
+        assert cli["BLEU"]["score"] == pytest.approx(metrics["test"][setting]["sacrebleu"], abs=0.01), setting
     assert metrics["best_val_loss"] == pytest.approx(min(h["val/loss"] for h in metrics["history"]), abs=1e-4)
     assert row["best_val_loss"] == metrics["best_val_loss"]
     for key in ("samples_png", "attention_png"):

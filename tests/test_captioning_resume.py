@@ -1,11 +1,12 @@
 """A captioner run killed mid-epoch (SIGKILL) and run again ends exactly where an uninterrupted run does.
 
 The stage loop (:func:`rnnlab.stages.train.train_stage`, what DVC's ``train_captioner@<run>`` runs)
-trains in a subprocess on real Flickr8k captions and features of real images. It is SIGKILLed as
-soon as its first resume checkpoint ``step-*.ckpt`` appears in the run's resume folder (the file
-is the synchronisation, written atomically; no sleep), then run again: it must resume from that
-checkpoint, mid-epoch (the train loader is a ``ResumableLoader``), and write the same metrics row
-and the same weights, bit for bit on CPU, as a run that was never interrupted.
+trains in a subprocess on real Flickr8k captions and features of real images. It is SIGKILLed
+while paused (``RNNLAB_PAUSE_AT_STEP``) right after a random mid-epoch resume checkpoint
+``step-*.ckpt`` (printed; ``RNNLAB_KILL_AFTER`` pins it), so the kill never races the clock; then
+run again: it must resume from that checkpoint, mid-epoch (the train loader is a
+``ResumableLoader``), and write the same metrics row and the same weights, bit for bit on CPU, as
+a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from pause import pause_env, random_step, save_steps, wait_for_marker
 
 from rnnlab.data.captions import read_flickr8k
 from rnnlab.features import extract_features
@@ -109,8 +110,8 @@ def _args(inputs: dict, out: Path) -> dict:
     }
 
 
-def _start(args: dict, log: Path) -> subprocess.Popen:
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "OMP_NUM_THREADS": "1"}
+def _start(args: dict, log: Path, **extra_env: str) -> subprocess.Popen:
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "OMP_NUM_THREADS": "1", **extra_env}
     with log.open("w") as fh:
         return subprocess.Popen(
             [sys.executable, "-c", CHILD, json.dumps(args)],
@@ -144,28 +145,26 @@ def _weights(out: Path) -> dict:
 
 def test_killed_mid_epoch_and_rerun_equals_an_uninterrupted_run(inputs, tmp_path):
     steps_per_epoch = SPLIT_SIZES["train"] // BATCH
-    # 1. The stage, SIGKILLed as soon as its first resume checkpoint exists.
+    # 1. The stage, SIGKILLed mid-epoch.
     killed = tmp_path / "killed"
     killed.mkdir()
     args = _args(inputs, killed)
     resume_dir = killed / "checkpoints" / "train_captioner" / RUN
-    proc = _start(args, killed / "first.log")
-    deadline = time.monotonic() + 600
-    while not _steps(resume_dir):
-        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{(killed / 'first.log').read_text()}"
-        assert time.monotonic() < deadline, "no resume checkpoint after 600 s"
-        time.sleep(0.002)
+    # Paused right after a random mid-epoch checkpoint (printed; RNNLAB_KILL_AFTER pins it), then killed.
+    mid_epoch = [s for s in save_steps(EVERY, steps_per_epoch, EPOCHS) if s % steps_per_epoch]
+    kill_step = random_step(mid_epoch)
+    proc = _start(args, killed / "first.log", **pause_env(kill_step + 1, tmp_path / "pause"))
+    wait_for_marker(tmp_path / "pause", process=proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    kill_step = _steps(resume_dir)[-1]  # the newest checkpoint: where the rerun continues
+    assert _steps(resume_dir)[-1] == kill_step  # the newest checkpoint: where the rerun continues
     print(
         f"killed by SIGKILL; newest resume checkpoint: step {kill_step} "
         f"(epoch {kill_step // steps_per_epoch + 1}, batch {kill_step % steps_per_epoch} of {steps_per_epoch}); "
         f"checkpoints on disk: {_steps(resume_dir)}"
     )
     assert not Path(args["metrics"]).exists(), "killed before it wrote its outputs"
-    assert 0 < kill_step < EPOCHS * steps_per_epoch and kill_step % steps_per_epoch != 0, "a mid-epoch checkpoint"
 
     # 2. Run again: it resumes from that checkpoint and completes.
     log = _run(args, killed / "second.log")

@@ -24,11 +24,13 @@ import signal
 import numpy as np
 import pytest
 import torch
-from pipeline_repo import edit_profile, prepared_copy, run, start, step_checkpoints, train_cmd, wait_for
+from pause import pause_env, wait_for_marker
+from pipeline_repo import edit_profile, prepared_copy, run, start, step_checkpoints, train_cmd
 
 from rnnlab.data.lm_data import batchify
 
 pytestmark = pytest.mark.slow
+KILL_AT = 9  # both ranks pause here, the step after the step-8 checkpoint (every 4 steps)
 
 
 def _profile(strategy: dict) -> dict:
@@ -40,16 +42,22 @@ def _profile(strategy: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The DDP run is killed (both processes, SIGKILL) after its step-8 checkpoint and resumed."""
+    """The DDP run is killed (both processes, SIGKILL) while both ranks are paused right after its
+    step-8 checkpoint, and resumed (from step 8: asserted in the log)."""
     base = tmp_path_factory.mktemp("ddp")
     repo = prepared_copy(base / "repo")
     edit_profile(repo, _profile({"strategy": "ddp", "devices": 2}))
-    killed = start(train_cmd(base / "ddp"), repo)
-    wait_for(lambda: 8 in step_checkpoints(repo), 300, "the step-8 checkpoint", killed)
+    print(f"kill step {KILL_AT}")
+    killed = start(train_cmd(base / "ddp"), repo, **pause_env(KILL_AT, base / "pause"))
+    pids = {wait_for_marker(base / "pause", rank, process=killed)["pid"] for rank in (0, 1)}
+    assert len(pids) == 2  # two processes, both at the same step
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait(timeout=60)
+    assert step_checkpoints(repo) == [4, 8]
     ddp = run(train_cmd(base / "ddp"), repo)
-    assert "Restoring states from the checkpoint path at data/checkpoints/train_lm/ptb-lstm/step-" in ddp.stderr
+    assert (
+        "Restoring states from the checkpoint path at data/checkpoints/train_lm/ptb-lstm/step-000000008" in ddp.stderr
+    )
     edit_profile(repo, _profile({"strategy": "auto", "devices": 1}))
     single = run(train_cmd(base / "single"), repo)
     return repo, base, ddp, single

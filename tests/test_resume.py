@@ -1,6 +1,7 @@
 """Resume after a kill, on the real pipeline: ``dvc repro`` of train_lm (tiny profile, real PTB) is
 killed with SIGKILL at a random step, its newest checkpoint is truncated, the rerun (after DVC
-deleted the stage outputs) is stopped with SIGINT, and the third run finishes. Its metrics and
+deleted the stage outputs) is stopped with SIGINT, and the third run finishes. Both signals hit a
+trainer paused at a known step (``RNNLAB_PAUSE_AT_STEP``, tests/pause.py), never a timed guess. Its metrics and
 weights must equal, exactly, those of a run that was never interrupted, and all three segments
 must be one MLflow run. Plus unit tests of the pieces (checkpoint files, loader position)."""
 
@@ -9,23 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-from pipeline_repo import (
-    RUN_DIR,
-    edit_profile,
-    prepared_copy,
-    run,
-    stage_process,
-    start,
-    step_checkpoints,
-    train_cmd,
-    wait_for,
-)
+from pause import pause_env, random_step, save_steps, wait_for_marker
+from pipeline_repo import RUN_DIR, edit_profile, prepared_copy, run, start, step_checkpoints, train_cmd
 
 from rnnlab.resume import AtomicCheckpointIO, ResumableLoader, ResumeDir
 
@@ -60,23 +51,18 @@ def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
     reference = json.loads((tmp_path / "ref" / "ptb-lstm.json").read_text())
     assert reference["epochs"] == 2  # the history covers every epoch, not just up to the best one
 
-    # 2. dvc repro, SIGKILL of the training process once it has passed a random step.
-    # Random by default; RNNLAB_KILL_AFTER pins it (step 22 once exposed a resume-from-epoch-end bug).
-    kill_after = int(os.environ.get("RNNLAB_KILL_AFTER") or random.Random(os.getpid()).randrange(8, STEPS - 16))
-    print(f"killing after step {kill_after}")
-    repro = start(["dvc", "repro", "--single-item", STAGE], repo)
-    wait_for(
-        lambda: any(s >= kill_after for s in step_checkpoints(repo)),
-        300,
-        f"a checkpoint at step >= {kill_after}",
-        repro,
-    )
-    trainer = wait_for(lambda: stage_process(repro), 10, "the train_lm process", repro)
-    trainer.send_signal(signal.SIGKILL)
+    # 2. dvc repro, SIGKILL of the training process once its first checkpoint at or after a random
+    # step is on disk: the trainer pauses right after that save (no race with a fast machine).
+    # RNNLAB_KILL_AFTER pins the step (22 once exposed a resume-from-epoch-end bug).
+    kill_after = random_step(list(range(8, STEPS - 16)))
+    saved = next(s for s in save_steps(4, STEPS // 2, 2) if s >= kill_after)
+    repro = start(["dvc", "repro", "--single-item", STAGE], repo, **pause_env(saved + 1, tmp_path / "pause-kill"))
+    marker = wait_for_marker(tmp_path / "pause-kill", process=repro)
+    os.kill(marker["pid"], signal.SIGKILL)  # the marker's pid is the train_lm process, not dvc
     out, err = repro.communicate(timeout=120)
     assert repro.returncode != 0, out + err
     steps = step_checkpoints(repo)
-    assert len(steps) == 2 and steps[-1] >= kill_after  # the newest two are kept
+    assert steps == [saved - 4, saved]  # the newest two are kept
     state = json.loads((repo / RUN_DIR / "state.json").read_text())
     client, exp = _mlflow(repo)
     killed_run = client.get_run(state["mlflow_run_id"])
@@ -88,9 +74,11 @@ def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
     (repo / "data/models/lm/ptb-lstm").mkdir(parents=True, exist_ok=True)
     (repo / "data/models/lm/ptb-lstm/marker").write_text("DVC deletes the outputs before a rerun")
 
-    # 4. The rerun resumes and is stopped with Ctrl-C (SIGINT to the stage, as a terminal would).
-    repro = start(["dvc", "repro", "--single-item", STAGE], repo)
-    wait_for(lambda: any(s > steps[-1] for s in step_checkpoints(repo)), 300, "a checkpoint after the resume", repro)
+    # 4. The rerun resumes and is stopped with Ctrl-C (SIGINT to the stage, as a terminal would) while
+    # paused two steps after the newest checkpoint: it saves that step and stops.
+    interrupt_at = saved + 2
+    repro = start(["dvc", "repro", "--single-item", STAGE], repo, **pause_env(interrupt_at, tmp_path / "pause-int"))
+    assert wait_for_marker(tmp_path / "pause-int", process=repro)["step"] == interrupt_at
     assert not (repo / "data/models/lm/ptb-lstm/marker").exists()
     os.killpg(repro.pid, signal.SIGINT)
     out, err = repro.communicate(timeout=120)
@@ -98,6 +86,7 @@ def test_kill_truncate_interrupt_resume_equals_uninterrupted(repo, tmp_path):
     assert "training stopped by SIGINT" in err and "run the stage again" in err, err[-3000:]
     assert f"Restoring states from the checkpoint path at {RUN_DIR}/step-{steps[0]:09d}.ckpt" in out + err
     assert "skipping a damaged checkpoint" in err
+    assert step_checkpoints(repo)[-1] == interrupt_at  # the interrupt checkpoint, at the step it stopped
     interrupted = client.get_run(state["mlflow_run_id"])
     assert interrupted.info.status == "KILLED"
     assert "TrainingInterrupted" in interrupted.data.tags["rnnlab.error"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sacrebleu_cli import sacrebleu_cli
 
 from rnnlab.cli import main as cli_main
 from rnnlab.data.vocab import Vocab
@@ -112,20 +113,6 @@ def untrained_scores(folder: Path, prepared: Path) -> dict:
         "test_ppl": perplexity(teacher_forced_loss(fresh, dm.loader("test"))),
         "sacrebleu": score_translations(hyps, dm.references("test"))["sacrebleu"],
     }
-
-
-def sacrebleu_cli(hyps: Path, refs: Path) -> dict:
-    """BLEU and chrF of a hypothesis file by the sacrebleu command line (its own file reading and defaults)."""
-    import subprocess
-
-    exe = Path(sys.executable).parent / "sacrebleu"
-    out = subprocess.run(
-        [str(exe), str(refs), "-i", str(hyps), "-m", "bleu", "chrf", "-w", "2", "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return {r["name"]: r for r in json.loads(out)}
 
 
 def tiny_params(tracking: bool = True) -> dict:

@@ -1,8 +1,9 @@
 """Resume after a kill, for translation: the stage loop (``train_stage`` of ``train_seq2seq``) runs in a
 subprocess on a tiny profile of the real Multi30k and is SIGKILLed as soon as a resume checkpoint
-``step-*.ckpt`` of step >= 10 appears in its resume folder (a checkpoint every 3 steps, 8 steps an
-epoch: step 12, mid-way through the second epoch, after an epoch end, a validation round and a best
-checkpoint; ``RNNLAB_KILL_AFTER`` pins another step); the rerun resumes from that checkpoint. Its
+``step-*.ckpt`` at or after a random step (second epoch or early third) is on disk (a checkpoint every 3 steps,
+8 steps an epoch: after an epoch end, a validation round and a best checkpoint; the step is printed,
+``RNNLAB_KILL_AFTER`` pins it). The trainer pauses right after that save (``RNNLAB_PAUSE_AT_STEP``),
+so the kill never races a fast machine. The rerun resumes from that checkpoint. Its
 metrics row, training history and best weights must equal, exactly, those of a run that was never
 interrupted."""
 
@@ -13,18 +14,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from pause import pause_env, random_step, save_steps, wait_for_marker
 
 pytestmark = pytest.mark.slow
 
 RUN = "multi30k-attention"
 STEPS = 24  # 3 epochs x limit_train_batches 8
 EVERY = 3  # trainer.checkpoint_every_n_steps
-KILL_AFTER = int(os.environ.get("RNNLAB_KILL_AFTER") or 10)  # kill once a checkpoint of step >= this exists
 TIMING = ("train_wall_s", "eval_wall_s", "train_tokens_per_s", "stage_wall_s", "mlflow_run_id")
 
 SCRIPT = r"""
@@ -68,8 +68,8 @@ def params() -> dict:
     }
 
 
-def start(out: Path, prepared: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+def start(out: Path, prepared: Path, **extra_env: str) -> subprocess.Popen:
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **extra_env}
     return subprocess.Popen(
         [sys.executable, "-c", SCRIPT, json.dumps(params()), RUN, str(out), str(prepared)],
         cwd=out,
@@ -121,26 +121,23 @@ def test_killed_run_resumes_to_the_same_numbers(prepared, tmp_path):
     assert reference["steps"] == STEPS and reference["epochs"] == STEPS // 8
     assert not (ref_dir / "checkpoints" / "train_seq2seq" / RUN).exists()  # deleted once the outputs were written
 
-    # 2. The same run, SIGKILLed once a resume checkpoint of step >= KILL_AFTER is on disk (written
-    # atomically: the final name appears only after the whole file did).
+    # 2. The same run, SIGKILLed while paused right after its first checkpoint at or after a random
+    # step of the second epoch (9..16) or the start of the third.
+    kill_after = random_step(list(range(10, 19)))
+    saved = next(s for s in save_steps(EVERY, 8, STEPS // 8) if s >= kill_after)
     resume_dir = run_dir / "checkpoints" / "train_seq2seq" / RUN
-    proc = start(run_dir, prepared)
-    deadline = time.monotonic() + 300
-    while not any(step >= KILL_AFTER for step in step_files(resume_dir)):
-        assert proc.poll() is None, f"the stage ended ({proc.returncode}) before a checkpoint at step >= {KILL_AFTER}"
-        assert time.monotonic() < deadline, f"no resume checkpoint at step >= {KILL_AFTER} after 300 s"
-        time.sleep(0.01)
+    proc = start(run_dir, prepared, **pause_env(saved + 1, tmp_path / "pause"))
+    wait_for_marker(tmp_path / "pause", process=proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     steps = step_files(resume_dir)
-    kill_step = steps[-1]
-    print(f"killed (SIGKILL) with resume checkpoints at steps {steps}; resuming from step {kill_step} of {STEPS}")
-    assert KILL_AFTER <= kill_step < STEPS and not (run_dir / "metrics" / f"{RUN}.json").exists()
+    print(f"killed (SIGKILL) with resume checkpoints at steps {steps}; resuming from step {saved} of {STEPS}")
+    assert steps[-1] == saved and not (run_dir / "metrics" / f"{RUN}.json").exists()
 
     # 3. The rerun resumes from that checkpoint and finishes.
     log = finish(start(run_dir, prepared))
-    assert f"resuming from {resume_dir / f'step-{kill_step:09d}.ckpt'}" in log, log[-3000:]
+    assert f"resuming from {resume_dir / f'step-{saved:09d}.ckpt'}" in log, log[-3000:]
     resumed = json.loads((run_dir / "metrics" / f"{RUN}.json").read_text())
     exact = sorted(
         k for k in reference if k not in TIMING and k != "model_path" and not k.startswith("sentences_per_s_")

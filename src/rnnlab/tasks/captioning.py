@@ -29,7 +29,8 @@ The model folder ``data/models/captioner/<run>/`` holds everything a fresh proce
 a new image: ``model.ckpt`` (weights, hparams incl. the encoder name, vocabulary, tokenizer; read
 with ``weights_only=True``), ``vocab.json``, ``run.json`` (the run config and the evaluation
 settings :func:`score` reuses to reproduce the numbers), ``metrics.json``, ``samples.png`` (test
-images, generated vs reference captions) and, for soft attention, ``attention.png``.
+images, generated vs reference captions), for soft attention ``attention.png``, and the test captions
+``test_hyps_<setting>.txt`` line by line with ``test_images.txt`` (what sacreBLEU scored).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ MODEL_FILE = "model.ckpt"
 VOCAB_FILE = "vocab.json"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
+TEST_IMAGES_FILE = "test_images.txt"  # the order of the lines of test_hyps_<setting>.txt
 BLEU_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4")
 
 
@@ -913,6 +915,16 @@ def _draw_grids(
     return out
 
 
+def _write_hypotheses(out_dir: Path, decoded: dict, tokenizer: Tokenizer, settings: list[str]) -> None:
+    """``test_images.txt`` (one image name a line) and ``test_hyps_<setting>.txt`` (its caption on the
+    same line, detokenised as sacreBLEU scored it): the reported sacreBLEU can be recomputed by the
+    ``sacrebleu`` command line against the raw caption files, as for translation."""
+    (out_dir / TEST_IMAGES_FILE).write_text("".join(f"{n}\n" for n in decoded["names"]), encoding="utf-8")
+    for setting in settings:
+        lines = [tokenizer.detokenize(t) for t in decoded[setting]]
+        (out_dir / f"test_hyps_{setting}.txt").write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+
+
 def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     """Train one decoder on the cached features (``finetune_blocks``: with the encoder's last blocks,
     on the frozen prefix's maps), keep the best ``val/loss`` weights, score them on
@@ -1027,6 +1039,8 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
     eval_seconds = time.perf_counter() - eval_start
 
     artifacts = {"model": str(model_path)}
+    if ctx.writer:
+        _write_hypotheses(out_dir, decoded, module.tokenizer, list(test))
     if ctx.writer and image_dir.is_dir() and run.grid_images:
         artifacts.update(_draw_grids(module, data, decoded, image_dir, out_dir, run))
     trainer = result.trainer
@@ -1095,4 +1109,7 @@ def train(run: RunConfig, ctx: RunContext) -> TrainOutput:
         artifacts_out += [(Path(artifacts[k]), "figures") for k in ("samples_png", "attention_png") if k in artifacts]
         artifacts_out += [(out_dir / f, "model") for f in (MODEL_FILE, VOCAB_FILE, RUN_FILE)]
         artifacts_out.append((out_dir / METRICS_FILE, None))
+        artifacts_out += [
+            (path, "hyps") for path in [out_dir / TEST_IMAGES_FILE, *sorted(out_dir.glob("test_hyps_*.txt"))]
+        ]
     return TrainOutput(row=row, plot_rows=plot_rows, artifacts=artifacts_out)
