@@ -210,6 +210,19 @@ def require(condition: bool, key: str, expectation: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {expectation}, got {value!r}")
 
 
+def require_corpus_task(name: str, corpora: dict, tasks: tuple[str, ...], kind: str, where: str) -> None:
+    """Before anything trains: the corpus a run names is declared in params ``corpora`` with one of
+    ``tasks`` (``kind`` names them in the message: "parallel", "captions", ...)."""
+    valid = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") in tasks)
+    if name not in corpora:
+        raise ConfigError(f"{where}.corpus: unknown corpus {name!r}; {kind} corpora: {valid}")
+    if name not in valid:
+        raise ConfigError(
+            f"{where}.corpus: {name!r} is not a {kind} corpus (task {corpora[name].get('task')!r}); "
+            f"valid names: {valid}"
+        )
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Flatten nested params for MLflow (``train_lm.runs.0.dropout``)."""
     out: dict[str, Any] = {}

@@ -50,7 +50,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from rnnlab.config import flatten, parse_section, require
+from rnnlab.config import flatten, parse_section, require, require_corpus_task
 from rnnlab.data.captions import CaptionDataModule, read_prepared_captions, scored_splits
 from rnnlab.data.feature_cache import FEATURES_FILE, INDEX_FILE, load_features, read_index
 from rnnlab.data.tokenize import Tokenizer, WordTokenizer, build_tokenizer
@@ -214,14 +214,7 @@ def parse_run(merged: dict, where: str = SECTION) -> RunConfig:
 
 def check_corpus(run: RunConfig, corpora: dict, where: str) -> None:
     """Before anything trains: the run's corpus is declared in params ``corpora`` with task captions."""
-    captions = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") == "captions")
-    if run.corpus not in corpora:
-        raise ConfigError(f"{where}.corpus: unknown corpus {run.corpus!r}; captions corpora: {captions}")
-    if run.corpus not in captions:
-        raise ConfigError(
-            f"{where}.corpus: {run.corpus!r} is not a captions corpus (task "
-            f"{corpora[run.corpus].get('task')!r}); valid names: {captions}"
-        )
+    require_corpus_task(run.corpus, corpora, ("captions",), "captions", where)
 
 
 def data_files(run: RunConfig, paths: StagePaths) -> list[Path]:

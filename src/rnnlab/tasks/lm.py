@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from rnnlab.config import parse_section, require
+from rnnlab.config import parse_section, require, require_corpus_task
 from rnnlab.data.lm_data import BPTTWindows, ShardedLMDataModule, batchify
 from rnnlab.data.vocab import Vocab, check_vocab
 from rnnlab.errors import ConfigError, RnnlabError, TrainingError
@@ -61,14 +61,7 @@ def model_names() -> list[str]:
 def check_corpus(run: RunConfig, corpora: dict, where: str) -> None:
     """Before anything trains: the run's corpus is declared in params ``corpora`` with an LM task.
     (The raw mapping: the stage reads no corpus entry, only the data ``prepare`` wrote from it.)"""
-    lm = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") in ("lm-word", "lm-char"))
-    if run.corpus not in corpora:
-        raise ConfigError(f"{where}.corpus: unknown corpus {run.corpus!r}; language-modelling corpora: {lm}")
-    if run.corpus not in lm:
-        raise ConfigError(
-            f"{where}.corpus: {run.corpus!r} is not a language-modelling corpus (task "
-            f"{corpora[run.corpus].get('task')!r}); valid names: {lm}"
-        )
+    require_corpus_task(run.corpus, corpora, ("lm-word", "lm-char"), "language-modelling", where)
 
 
 def bind_corpus(run: RunConfig, prepared_root: Path) -> Path:

@@ -49,7 +49,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from rnnlab.config import parse_section, require
+from rnnlab.config import parse_section, require, require_corpus_task
 from rnnlab.data.bpe import tokenizer_from_dict
 from rnnlab.data.parallel import ParallelDataModule, TranslationBatch, pad_sequences
 from rnnlab.data.tokenize import Tokenizer
@@ -199,14 +199,7 @@ def parse_run(merged: dict, where: str) -> RunConfig:
 
 def check_corpus(run: RunConfig, corpora: dict, where: str) -> None:
     """Before anything trains: the run's corpus is declared in params ``corpora`` with task parallel."""
-    parallel = sorted(n for n, e in corpora.items() if isinstance(e, dict) and e.get("task") == "parallel")
-    if run.corpus not in corpora:
-        raise ConfigError(f"{where}.corpus: unknown corpus {run.corpus!r}; parallel corpora: {parallel}")
-    if run.corpus not in parallel:
-        raise ConfigError(
-            f"{where}.corpus: {run.corpus!r} is not a parallel corpus (task "
-            f"{corpora[run.corpus].get('task')!r}); valid names: {parallel}"
-        )
+    require_corpus_task(run.corpus, corpora, ("parallel",), "parallel", where)
 
 
 def data_files(run: RunConfig, paths: StagePaths) -> list[Path]:
