@@ -367,6 +367,19 @@ def test_pick_champion_follows_the_criteria_table():
     assert pick_champion("captioning", {"a": {"best_val_loss": 3.1}, "b": {}}) is None
 
 
+def test_a_users_corpus_gets_its_own_registered_name():
+    """A translator/captioner of a user's corpus is registered under its own name, so it never takes
+    the built-in model's ``champion`` alias; the built-in corpus keeps the short name."""
+    from rnnlab.serving import registered_name
+    from rnnlab.tasks import captioning, translation
+
+    assert registered_name("translation", "multi30k", "multi30k-attention", translation.CORPUS) == "rnnlab-translator"
+    assert registered_name("translation", "pairs", "pairs-attention", translation.CORPUS) == "rnnlab-translator-pairs"
+    assert registered_name("captioning", "flickr8k", "x", captioning.CORPUS) == "rnnlab-captioner"
+    assert registered_name("captioning", "myphotos", "x", captioning.CORPUS) == "rnnlab-captioner-myphotos"
+    assert registered_name("lm", "ptb", "lstm") == "rnnlab-lm-ptb-lstm"
+
+
 def test_evaluate_points_champion_at_the_best_validation_version(lm_store, tmp_path):  # noqa: F811
     """Three versions of one registered name (the tiny LSTM logged three times with different
     validation numbers): the alias goes to the best (version 2), not to the latest (3)."""

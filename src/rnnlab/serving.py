@@ -275,10 +275,16 @@ SIGNATURES = {
 WRAPPERS = {"lm": LanguageModelPyfunc, "translation": TranslatorPyfunc, "captioning": CaptionerPyfunc}
 
 
-def registered_name(task: str, corpus: str | None = None, model: str | None = None) -> str:
+def registered_name(
+    task: str, corpus: str | None = None, model: str | None = None, default_corpus: str | None = None
+) -> str:
+    """The registry name of a model: one per (corpus, model) for LMs; for translators and
+    captioners one per corpus, the built-in corpus (``default_corpus``) keeping the short name, so a
+    model of a user's corpus never competes with the built-in one for the ``champion`` alias."""
     if task == "lm":
         return f"rnnlab-lm-{corpus}-{model}"
-    return {"translation": "rnnlab-translator", "captioning": "rnnlab-captioner"}[task]
+    base = {"translation": "rnnlab-translator", "captioning": "rnnlab-captioner"}[task]
+    return base if corpus is None or corpus == default_corpus else f"{base}-{corpus}"
 
 
 # Distributions of ``rnnlab``'s own dependencies that serving never imports: left out of the model's

@@ -18,7 +18,7 @@ every number as ``<task>.<...>.<metric>``, the table as ``evaluate.json``, the r
 ``scored.<run name>`` -> the training run id for each model it scored. With
 ``evaluate.register_models`` every scored model is logged into that evaluation run as a pyfunc
 model (``rnnlab.serving``) and registered (``rnnlab-lm-<corpus>-<model>``, ``rnnlab-translator``,
-``rnnlab-captioner``); each model version carries tags ``training_run_id`` / ``evaluation_run_id``.
+``rnnlab-captioner``; ``-<corpus>`` appended for a user's corpus); each model version carries tags ``training_run_id`` / ``evaluation_run_id``.
 """
 
 from __future__ import annotations
@@ -261,6 +261,7 @@ def _decoder_entry(
         "row": row,
         "checkpoint": ckpt,
         "corpus": corpus,
+        "default_corpus": task.CORPUS,  # the built-in one keeps the short registered name
         "model": name,
         "result": result,
         "training_row": row_in,
@@ -288,7 +289,7 @@ def register_models(entries: list[dict], eval_run_id: str, tracking_uri: str) ->
     registered: dict[str, str] = {}
     candidates: dict[str, tuple[str, dict[str, dict]]] = {}  # name -> (task, {version: training row})
     for e in entries:
-        name = registered_name(e["task"], e["corpus"], e["model"])
+        name = registered_name(e["task"], e["corpus"], e["model"], e.get("default_corpus"))
         config = {"char_level": e.get("char", False)} if e["task"] == "lm" else {}
         info = log_and_register(
             e["task"],
