@@ -18,7 +18,8 @@ every number as ``<task>.<...>.<metric>``, the table as ``evaluate.json``, the r
 ``scored.<run name>`` -> the training run id for each model it scored. With
 ``evaluate.register_models`` every scored model is logged into that evaluation run as a pyfunc
 model (``rnnlab.serving``) and registered (``rnnlab-lm-<corpus>-<model>``, ``rnnlab-translator``,
-``rnnlab-captioner``; ``-<corpus>`` appended for a user's corpus); each model version carries tags ``training_run_id`` / ``evaluation_run_id``.
+``rnnlab-captioner``; ``-<corpus>`` appended for a user's corpus); each model version carries tags
+``training_run_id`` / ``evaluation_run_id``.
 """
 
 from __future__ import annotations
