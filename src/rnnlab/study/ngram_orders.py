@@ -115,12 +115,9 @@ def metrics(table: dict) -> dict:
 
 def picture(table: dict, path: Path) -> Path:
     """Two panels against the order: val/test perplexity (log y) and the unseen test n-gram share."""
-    import matplotlib
+    from rnnlab.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
     for corpus, t in table.items():
         orders = [r["order"] for r in t["rows"]]
         for split, style in (("valid", "--"), ("test", "-")):
@@ -130,8 +127,4 @@ def picture(table: dict, path: Path) -> Path:
     right.set(xlabel="order n", ylabel="% of test n-grams", ylim=(0, 100), title="Test n-grams never seen in train")
     for ax in (left, right):
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
